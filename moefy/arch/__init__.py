@@ -1,0 +1,22 @@
+"""Registry of architecture adapters keyed by `model_type`: add a family with one module + one line."""
+
+from __future__ import annotations
+
+from moefy.arch import llama, mistral, qwen2, qwen3
+from moefy.arch.base import ArchAdapter
+from moefy.errors import BadInput
+
+ADAPTERS: dict[str, ArchAdapter] = {
+    "llama": llama.ADAPTER,
+    "mistral": mistral.ADAPTER,
+    "qwen2": qwen2.ADAPTER,
+    "qwen3": qwen3.ADAPTER,
+}
+
+
+def adapter_for(config: dict, where: str = "the source") -> ArchAdapter:
+    model_type = config.get("model_type")
+    if model_type not in ADAPTERS:
+        raise BadInput(f"{where} has model_type {model_type!r}, which moefy does not support yet. Supported: "
+                       f"{', '.join(sorted(ADAPTERS))}. MoE checkpoints cannot be converted again.")
+    return ADAPTERS[model_type]

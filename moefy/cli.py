@@ -1,0 +1,239 @@
+"""moefy command line (contract: DESIGN.md). Exit codes: 0 ok, 1 a check failed, 2 bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+import typing
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moefy.errors import BadInput, CheckFailed, MoefyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert dense Hugging Face causal LMs into Mixture-of-Experts checkpoints.")
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines.")):
+    from moefy.progress import set_quiet
+
+    _state["debug"] = debug
+    set_quiet(quiet)
+
+
+def _handled(fn):
+    """Turn moefy errors into one clear paragraph and the contract's exit code."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MoefyError as exc:
+            if _state["debug"]:
+                traceback.print_exc()
+            label = "check failed" if isinstance(exc, CheckFailed) else "error"
+            err.print(f"[bold red]{label}:[/bold red] {exc}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/bold red]: no partial output was left behind.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _write_json(path: Optional[Path], data: dict) -> None:
+    if path is not None:
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@app.command()
+@_handled
+def convert(
+    source: str = typer.Argument(..., help="HF model dir, .gguf file, hub id, or `demo`."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML path or built-in name (`moefy recipes`)."),
+    output: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --force)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: KEY=VALUE (YAML value)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text (.txt/.raw/.jsonl/hf:...)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="auto|native|mixtral|qwen2_moe|qwen3_moe."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|float32|bfloat16|float16."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (for calibration-based transforms)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUT."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and plan; write nothing."),
+    allow_inexact: bool = typer.Option(False, "--allow-inexact", help="Allow a format that changes the function."),
+    eval_dataset: Optional[str] = typer.Option(None, "--eval-dataset", help="Dataset for the recipe's gates."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the provenance record here too."),
+):
+    """Convert SOURCE with a recipe into an MoE checkpoint at OUT."""
+    from moefy.convert import convert as run_convert
+    from moefy.convert import check_gates
+    from moefy.recipe import load_recipe
+
+    if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+        raise BadInput(f"--dtype {dtype!r} is unknown; use auto, float32, bfloat16 or float16.")
+    if calib is not None:
+        from moefy.io.data import load_text
+
+        load_text(calib)  # fail fast on a bad path even when no transform calibrates yet
+    parsed = load_recipe(recipe, set_)
+    record = run_convert(source, parsed, output, fmt=fmt, dtype=dtype, seed=seed, force=force, dry_run=dry_run,
+                         allow_inexact=allow_inexact)
+    if dry_run:
+        out.print_json(json.dumps(record))
+        return
+    _print_summary(record)
+    passed = check_gates(output, source, parsed, eval_dataset)
+    _write_json(json_path, json.loads((output / "moefy.json").read_text()))
+    if passed is False:
+        raise CheckFailed(f"quality gate missed for {output}: see the table above and moefy.json `gates`.")
+
+
+def _print_summary(record: dict) -> None:
+    s = record["summary"]
+    table = Table(title=f"{record['recipe']['name']} → {record['format']['name']}", show_header=False)
+    for key in ("format", "num_experts", "top_k", "shared_experts", "expert_width", "params_total",
+                "params_active_per_token", "mlp_active_fraction"):
+        value = s[key]
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else
+                      f"{value:.4f}" if isinstance(value, float) else str(value))
+    table.add_row("seconds", f"{record['convert_seconds']:.1f}")
+    out.print(table)
+
+
+@app.command("eval")
+@_handled
+def eval_(
+    model: str = typer.Argument(..., help="Model dir (moefy output or dense), .gguf, or `demo`."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Source model to compare against."),
+    dataset: str = typer.Option(..., "--dataset", help="Evaluation text (.txt/.raw/.jsonl/hf:...)."),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="First N windows (default: all)."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    backend: str = typer.Option("auto", "--backend", help="auto|torch|reference (native MoE blocks)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report (DESIGN.md fields)."),
+):
+    """Perplexity of MODEL (and --baseline) over non-overlapping windows of DATASET."""
+    from moefy.evaluate import evaluate
+    from moefy_kernels import resolve_backend
+
+    try:
+        resolve_backend(backend)
+    except ValueError as exc:
+        raise BadInput(f"--backend: {exc}") from None
+    if max_windows is not None and max_windows < 1:
+        raise BadInput(f"--max-windows {max_windows} must be at least 1.")
+    report = evaluate(model, baseline=baseline, dataset=dataset, seq_len=seq_len, max_windows=max_windows,
+                      batch_size=batch_size, backend=backend)
+    print_eval(report)
+    _write_json(json_path, report)
+
+
+def print_eval(report: dict) -> None:
+    table = Table(title=f"perplexity · {Path(report['dataset']).name} · {report['windows']}×{report['seq_len']}")
+    for col in ("model", "ppl", "Δ ppl %", "tokens/s", "active params", "MLP active"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    table.add_row(str(report["model"]), f"{report['ppl']:.4f}",
+                  "—" if report["delta_pct"] is None else f"{report['delta_pct']:+.4f}",
+                  f"{report['tokens_per_s']:.0f}", f"{report['params_active_per_token']:,}",
+                  f"{report['mlp_active_fraction']:.3f}")
+    if report["baseline"] is not None:
+        table.add_row(str(report["baseline"]), f"{report['baseline_ppl']:.4f}", "0 (baseline)",
+                      f"{report['baseline_tokens_per_s']:.0f}", "", "")
+    out.print(table)
+
+
+@app.command()
+@_handled
+def inspect(model: str = typer.Argument(..., help="Model directory (or `demo`)."),
+            as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of a table.")):
+    """Describe a checkpoint: format, experts, routing, parameter counts."""
+    from moefy.loading import resolve_model
+    from moefy.summary import summarize
+
+    report = summarize(resolve_model(model).path)
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True, default=str))
+        return
+    table = Table(title=str(model), show_header=False)
+    for key, value in report.items():
+        if key == "moefy":
+            if value:
+                table.add_row("recipe", value["recipe"]["name"])
+                table.add_row("format reason", value["format"]["reason"])
+            continue
+        table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else
+                      f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+@app.command()
+@_handled
+def recipes():
+    """List built-in recipes, transforms with their options, and export formats."""
+    import yaml
+
+    from moefy.export import FORMATS
+    from moefy.recipe import builtin_recipes
+    from moefy.transforms import TRANSFORMS
+
+    table = Table(title="built-in recipes (configs/)")
+    table.add_column("name")
+    table.add_column("description")
+    table.add_column("transforms")
+    for name, path in builtin_recipes().items():
+        data = yaml.safe_load(path.read_text())
+        table.add_row(name, data.get("description", ""), json.dumps(data.get("transforms")))
+    out.print(table)
+    for name, cls in TRANSFORMS.items():
+        opts = Table(title=f"transform `{name}` — {cls.summary}")
+        for col in ("option", "type", "default", "meaning"):
+            opts.add_column(col)
+        _option_rows(opts, cls.Options, "")
+        out.print(opts)
+    formats = Table(title="export formats (--format)")
+    formats.add_column("name")
+    formats.add_column("what")
+    formats.add_row("auto", "best exact standard format for the family, else native")
+    for name, fmt in FORMATS.items():
+        formats.add_row(name, fmt.summary)
+    out.print(formats)
+
+
+def _type_name(annotation) -> str:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(map(str, args))
+    if args:
+        return " | ".join(_type_name(a) for a in args)
+    if hasattr(annotation, "model_fields"):
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _option_rows(table: Table, model, prefix: str) -> None:
+    for name, field in model.model_fields.items():
+        table.add_row(prefix + name, _type_name(field.annotation), repr(field.default), field.description or "")
+        for sub in (a for a in typing.get_args(field.annotation) if hasattr(a, "model_fields")):
+            _option_rows(table, sub, f"{prefix}{name}.")
+
+
+def run() -> None:
+    try:
+        app()
+    except SystemExit as exc:
+        sys.exit(exc.code)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,208 @@
+"""`moefy convert`: stream a dense checkpoint through a recipe's transforms into an MoE checkpoint.
+
+Tensors are read one at a time in shard order; a layer's MLP weights are buffered only until
+that layer is complete, transformed, written and dropped, so memory is bounded by one layer and
+one output shard, whatever the model's size.  Output goes to a temp dir renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import moefy
+from moefy.arch import adapter_for
+from moefy.errors import BadInput, CheckFailed
+from moefy.export import FORMATS, choose_format
+from moefy.io.checkpoint import Checkpoint, open_source
+from moefy.io.writer import ShardedWriter, atomic_output, check_output_path, parse_size
+from moefy.moe.layer import DenseMLP, MoeLayer
+from moefy.progress import log, progress
+from moefy.recipe import Recipe
+from moefy.summary import summarize
+from moefy.transforms.base import LayerPlan, SourceInfo
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def source_dtype(ckpt: Checkpoint) -> str:
+    name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
+    if name in TORCH_DTYPES:
+        return name
+    first = ckpt.get(ckpt.tensor_names[0]).dtype
+    return {v: k for k, v in TORCH_DTYPES.items()}.get(first, "float32")
+
+
+def plan_pipeline(transforms, source: SourceInfo) -> LayerPlan:
+    plan = None
+    for transform in transforms:
+        transform.check(source)
+        plan = transform.plan(plan, source)
+    return plan
+
+
+def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, dtype: str | None = None,
+            seed: int = 0, force: bool = False, dry_run: bool = False, allow_inexact: bool = False) -> dict:
+    """Run the recipe on SOURCE and write OUT; returns the provenance record (moefy.json)."""
+    started = time.perf_counter()
+    transforms = recipe.build_transforms(seed)
+    ckpt = open_source(source)
+    adapter = adapter_for(ckpt.config, where=str(ckpt.path))
+    info = SourceInfo(adapter, ckpt.config)
+    plan = plan_pipeline(transforms, info)
+    choice = choose_format(fmt or recipe.output.format, info, plan, allow_inexact)
+    out_dtype = dtype if dtype and dtype != "auto" else recipe.output.dtype
+    out_dtype = source_dtype(ckpt) if out_dtype == "auto" else out_dtype
+    log(f"source {ckpt.origin} ({adapter.model_type}, {adapter.num_layers(ckpt.config)} layers) → "
+        f"{choice.format.name} [{choice.reason}], {out_dtype}")
+    if dry_run:
+        return {"dry_run": True, "format": choice.format.name, "format_reason": choice.reason, "plan": vars(plan)}
+    check_output_path(out, force, sources=[ckpt.path])
+    torch.manual_seed(seed)
+    with atomic_output(out) as tmp:
+        blocks, layer_stats = _write_weights(ckpt, info, transforms, choice.format, tmp,
+                                             TORCH_DTYPES[out_dtype], parse_size(recipe.output.shard_size))
+        config = choice.format.config(info, blocks, out_dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for side in ckpt.side_files:
+            shutil.copyfile(side, tmp / side.name)
+        choice.format.write_files(tmp)
+        record = {
+            "moefy_version": moefy.__version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "recipe": recipe.model_dump(mode="json"),
+            "seed": seed,
+            "source": {"origin": ckpt.origin, "path": str(ckpt.path), "model_type": adapter.model_type,
+                       "weights_sha256": ckpt.weights_sha256},
+            "calibration": None,
+            "format": {"name": choice.format.name, "reason": choice.reason, "exact": choice.exact},
+            "dtype": out_dtype,
+            "layers": layer_stats,
+            "convert_seconds": round(time.perf_counter() - started, 3),
+        }
+        record["summary"] = {k: v for k, v in summarize(tmp).items() if k != "moefy"}
+        write_record(tmp, record)
+    log(f"wrote {out} in {record['convert_seconds']:.1f}s")
+    return record
+
+
+def write_record(directory: Path, record: dict) -> None:
+    """moefy.json and the model card, both regenerated from the record."""
+    (Path(directory) / "moefy.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (Path(directory) / "README.md").write_text(model_card(record))
+
+
+def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Path, dtype: torch.dtype,
+                   shard_bytes: int) -> tuple[dict[int, dict], dict[str, dict]]:
+    adapter = info.adapter
+    num_layers = adapter.num_layers(info.config)
+    role_of = {}
+    for layer in range(num_layers):
+        for role, name in adapter.mlp_weight_names(layer).items():
+            role_of[name] = (layer, role)
+    missing = [n for n in role_of if not ckpt.has(n)]
+    if missing:
+        raise BadInput(f"{ckpt.path} lacks MLP weight {missing[0]!r} (and {len(missing) - 1} more) that a "
+                       f"{adapter.model_type} model must have. The checkpoint is incomplete or not {adapter.model_type}.")
+    writer = ShardedWriter(tmp, shard_bytes)
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    blocks, stats = {}, {}
+    needed = 3 if adapter.gated else 2
+    tied = info.config.get("tie_word_embeddings", False)
+    with progress("convert layers", num_layers) as advance:
+        for name in ckpt.tensor_names:
+            if tied and name == adapter.lm_head:
+                continue  # a .bin stores the tied head twice; the embeddings are the one copy
+            tensor = ckpt.get(name)
+            if name not in role_of:
+                writer.add(name, tensor.to(dtype))
+                continue
+            layer, role = role_of[name]
+            if not torch.isfinite(tensor).all():
+                raise CheckFailed(f"{name} in {ckpt.path} contains NaN or Inf; moefy will not convert a broken "
+                                  f"checkpoint. Repair or re-download it.")
+            pending.setdefault(layer, {})[role] = tensor.float()
+            if len(pending[layer]) < needed:
+                continue
+            weights = pending.pop(layer)
+            block: DenseMLP | MoeLayer = DenseMLP(weights.get("gate"), weights["up"], weights["down"],
+                                                   adapter.activation(info.config))
+            for transform in transforms:
+                block = transform.apply(layer, block)
+            for out_name, out_tensor in fmt.layer_tensors(layer, block, info).items():
+                writer.add(out_name, out_tensor.to(dtype))
+            for out_name, out_tensor in fmt.extra_tensors(layer, info, ckpt.has).items():
+                writer.add(out_name, out_tensor.to(dtype))
+            if isinstance(block, MoeLayer):
+                blocks[layer] = block.block_spec()
+                stats[str(layer)] = {**block.block_spec(), "scales": [round(float(s), 6) for s in block.scales],
+                                     **block.stats}
+            advance()
+    ckpt.release()
+    writer.close()
+    return blocks, stats
+
+
+def model_card(record: dict) -> str:
+    recipe, source, summary = record["recipe"], record["source"], record.get("summary", {})
+    lines = [
+        "---",
+        f"base_model: {source['origin']}",
+        "library_name: transformers",
+        "tags: [moe, moefy]",
+        "---",
+        f"# {recipe['name']} of {source['origin']}",
+        "",
+        f"Converted by moefy {record['moefy_version']} with recipe `{recipe['name']}`"
+        f"{': ' + recipe['description'] if recipe.get('description') else ''}.",
+        "",
+        f"- Format: `{record['format']['name']}` ({record['format']['reason']})",
+        f"- Experts per MoE layer: {summary.get('num_experts')}, top-k {summary.get('top_k')}, "
+        f"shared {summary.get('shared_experts')}",
+        f"- Parameters: {summary.get('params_total', 0):,} total, {summary.get('params_active_per_token', 0):,} "
+        f"active per token (MLP active fraction {summary.get('mlp_active_fraction', 0):.3f})",
+        f"- dtype: {record['dtype']}, seed {record['seed']}",
+    ]
+    evaluation = record.get("eval")
+    if evaluation:
+        lines.append(f"- Perplexity on {evaluation['dataset']} ({evaluation['windows']}×{evaluation['seq_len']} "
+                     f"tokens): {evaluation['ppl']:.4f} vs source {evaluation['baseline_ppl']:.4f} "
+                     f"(Δ {evaluation['delta_pct']:+.4f}%)")
+    else:
+        lines.append("- Perplexity: not measured at conversion time (run `moefy eval OUT --baseline SOURCE`).")
+    lines += ["", "Load with `moefy.load(path)`" + (" or `AutoModelForCausalLM.from_pretrained(path, "
+              "trust_remote_code=True)`." if record["format"]["name"] == "native"
+              else " or plain `AutoModelForCausalLM.from_pretrained(path)`."), ""]
+    return "\n".join(lines)
+
+
+def check_gates(out: Path, source: str, recipe: Recipe, eval_dataset: str | None) -> bool | None:
+    """Evaluate OUT against SOURCE when the recipe has gates; record the result in moefy.json.
+
+    Returns True/False for a checked gate, None when there is no gate or no dataset to check it on.
+    """
+    from moefy.evaluate import evaluate
+
+    gates = recipe.gates
+    if gates is None or gates.max_delta_ppl_pct is None:
+        return None
+    dataset = eval_dataset or gates.dataset
+    record = json.loads((Path(out) / "moefy.json").read_text())
+    if dataset is None:
+        log("gate max_delta_ppl_pct not checked: no dataset (pass --eval-dataset or set gates.dataset)")
+        record["gates"] = {"checked": False, "reason": "no evaluation dataset given"}
+        write_record(out, record)
+        return None
+    report = evaluate(str(out), baseline=source, dataset=dataset, seq_len=gates.seq_len,
+                      max_windows=gates.max_windows)
+    passed = report["delta_pct"] <= gates.max_delta_ppl_pct
+    record["eval"] = report
+    record["gates"] = {"checked": True, "max_delta_ppl_pct": gates.max_delta_ppl_pct,
+                       "delta_pct": report["delta_pct"], "passed": passed}
+    write_record(out, record)
+    log(f"gate Δppl ≤ {gates.max_delta_ppl_pct}%: {report['delta_pct']:+.4f}% → {'pass' if passed else 'MISSED'}")
+    return passed

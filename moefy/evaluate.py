@@ -1,0 +1,70 @@
+"""`moefy eval`: perplexity over non-overlapping windows of one token stream (DESIGN.md protocol)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from moefy.errors import BadInput
+from moefy.io.data import TextData, load_text
+from moefy.loading import load_model, load_tokenizer, resolve_model
+from moefy.progress import log, progress
+from moefy.summary import summarize
+
+
+def token_windows(tokenizer, data: TextData, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    ids = tokenizer(data.text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    available = len(ids) // seq_len
+    if available == 0:
+        raise BadInput(f"dataset {data.name} has {len(ids)} tokens, fewer than one window of {seq_len}. Use a "
+                       f"longer text or a smaller --seq-len.")
+    windows = available if max_windows is None else min(available, max_windows)
+    return torch.tensor(ids[: windows * seq_len]).view(windows, seq_len)
+
+
+@torch.inference_mode()
+def perplexity(model, windows: torch.Tensor, batch_size: int, label: str = "eval") -> dict:
+    nll, count, elapsed = 0.0, 0, 0.0
+    device = next(model.parameters()).device
+    with progress(f"{label}: windows", windows.shape[0]) as advance:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start:start + batch_size].to(device)
+            t0 = time.perf_counter()
+            logits = model(input_ids=batch).logits
+            elapsed += time.perf_counter() - t0
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                     batch[:, 1:].reshape(-1), reduction="sum")
+            nll += float(loss)
+            count += batch[:, 1:].numel()
+            advance(batch.shape[0])
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": int(windows.numel()),
+            "tokens_per_s": windows.numel() / elapsed if elapsed else None}
+
+
+def evaluate(model_spec: str, *, baseline: str | None, dataset: str, seq_len: int = 512,
+             max_windows: int | None = None, batch_size: int = 4, backend: str = "auto") -> dict:
+    if seq_len < 2:
+        raise BadInput(f"--seq-len {seq_len} is too small; use at least 2 tokens per window.")
+    if batch_size < 1:
+        raise BadInput(f"--batch-size {batch_size} must be at least 1.")
+    data = load_text(dataset)
+    report = {"model": str(model_spec), "baseline": baseline, "dataset": data.name, "dataset_sha256": data.sha256,
+              "seq_len": seq_len, "backend": backend}
+    model_dir = resolve_model(model_spec).path
+    windows = token_windows(load_tokenizer(model_spec), data, seq_len, max_windows)
+    log(f"evaluating {model_spec} on {windows.shape[0]} windows × {seq_len} tokens")
+    result = perplexity(load_model(model_spec, backend=backend), windows, batch_size, label="model")
+    summary = summarize(model_dir)
+    report.update({"windows": windows.shape[0], "tokens": result["tokens"], "ppl": result["ppl"],
+                   "tokens_per_s": result["tokens_per_s"], "params_total": summary["params_total"],
+                   "params_active_per_token": summary["params_active_per_token"],
+                   "mlp_active_fraction": summary["mlp_active_fraction"], "format": summary["format"],
+                   "baseline_ppl": None, "delta_pct": None, "baseline_tokens_per_s": None})
+    if baseline is not None:
+        base_windows = token_windows(load_tokenizer(baseline), data, seq_len, max_windows)
+        base = perplexity(load_model(baseline), base_windows, batch_size, label="baseline")
+        report.update({"baseline_ppl": base["ppl"], "baseline_tokens_per_s": base["tokens_per_s"],
+                       "delta_pct": 100.0 * (result["ppl"] / base["ppl"] - 1.0)})
+    return report

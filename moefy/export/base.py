@@ -1,0 +1,201 @@
+"""Export formats: how a pipeline's MoE layers are named, shaped and configured on disk."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from moefy.moe.layer import DenseMLP, MoeLayer
+from moefy.transforms.base import LayerPlan, SourceInfo
+
+# Config fields whose value changes the function: carried over and checked after the target
+# config class has parsed them (a class that drops or recomputes one cannot hold the model).
+SEMANTIC_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "vocab_size",
+                 "rms_norm_eps", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+                 "sliding_window", "layer_types", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _same(key: str, a, b) -> bool:
+    if key == "sliding_window":  # None and 0 both mean "no window"
+        return (a or None) == (b or None)
+    return a == b
+
+
+def _head_dim(config) -> int:
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return get("head_dim", None) or get("hidden_size") // get("num_attention_heads")
+
+
+class ExportFormat:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    def unsupported(self, source: SourceInfo, plan: LayerPlan) -> str | None:
+        """Why this format cannot hold the model at all (None when it can)."""
+        return None
+
+    def inexact(self, plan: LayerPlan) -> str | None:
+        """Why this format would change the model's function (None when exact)."""
+        return None
+
+    def layer_tensors(self, layer: int, block: MoeLayer, source: SourceInfo) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def extra_tensors(self, layer: int, source: SourceInfo, has) -> dict[str, torch.Tensor]:
+        """Tensors the target architecture needs that the source lacks (e.g. zero biases)."""
+        return {}
+
+    def config(self, source: SourceInfo, blocks: dict[int, dict], dtype: str) -> dict:
+        raise NotImplementedError
+
+    def write_files(self, out_dir) -> None:
+        """Extra files (e.g. modeling code) written into OUT."""
+
+    def block_specs(self, config: dict) -> dict[int, dict]:
+        """{layer: native block spec} for the MoE layers of a checkpoint written in this format."""
+        raise NotImplementedError
+
+
+def dense_tensors(prefix: str, mlp: DenseMLP, names: tuple[str | None, str, str]) -> dict[str, torch.Tensor]:
+    gate_name, up_name, down_name = names
+    tensors = {f"{prefix}.{up_name}.weight": mlp.up, f"{prefix}.{down_name}.weight": mlp.down}
+    if mlp.gate is not None:
+        tensors[f"{prefix}.{gate_name}.weight"] = mlp.gate
+    return tensors
+
+
+class StandardMoeFormat(ExportFormat):
+    """A transformers MoE class with softmax top-k routing and optional sigmoid-gated shared expert."""
+
+    model_type: ClassVar[str]
+    architecture: ClassVar[str]
+    block_attr: ClassVar[str]  # the decoder layer's attribute holding the MoE block
+    expert_names: ClassVar[tuple[str, str, str]]  # (gate, up, down) inside experts.{e}
+    num_experts_key: ClassVar[str]
+    width_key: ClassVar[str]
+    families: ClassVar[tuple[str, ...]]
+    has_shared: ClassVar[bool] = False
+    can_skip_layers: ClassVar[bool] = False  # has `mlp_only_layers`
+    renormalize_key: ClassVar[str | None] = None  # config flag for renormalised top-k weights
+
+    def unsupported(self, source: SourceInfo, plan: LayerPlan) -> str | None:
+        if source.adapter.model_type not in self.families:
+            return f"{self.name} holds {', '.join(self.families)} models, not {source.adapter.model_type}"
+        if not source.adapter.gated:
+            return f"{self.name} experts are gated (SwiGLU); this MLP is not"
+        if source.config.get("mlp_bias"):
+            return f"{self.name} experts have no biases; this model's MLP has them"
+        if not plan.uniform:
+            return f"{self.name} needs experts of equal width; these differ (pruned branches): use native"
+        if plan.expert_width % 8:
+            return (f"{self.name} in stock transformers runs experts through grouped_mm, which needs expert widths "
+                    f"that are multiples of 8 (16-byte strides); this one is {plan.expert_width}: use native")
+        if plan.shared and not self.has_shared:
+            return f"{self.name} has no shared expert; this MoE has one: use qwen2_moe or native"
+        return self._attention_unsupported(source.config) or self._config_unsupported(source, plan)
+
+    def _attention_unsupported(self, config: dict) -> str | None:
+        if config.get("attention_bias"):
+            return f"{self.name} attention has no biases; this model's attention has them"
+        return None
+
+    def inexact(self, plan: LayerPlan) -> str | None:
+        if plan.scoring == "none":
+            return None
+        if plan.scoring != "softmax":
+            return f"{self.name} routes by softmax, this MoE by {plan.scoring}"
+        if plan.combine == "unit":
+            return f"{self.name} weights experts by router probability, this MoE with unit weights"
+        if plan.combine == "prob" and self.renormalize_key is None:
+            return f"{self.name} always renormalises top-k weights; this MoE uses raw probabilities"
+        return None
+
+    def _expert_weights(self, block: MoeLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """(router [E, H], per-expert output factor) reproducing the block under softmax top-k."""
+        factors = block.scales.float().clone()
+        if block.scoring == "none":
+            # all-experts static MoE: zero logits → every renormalised weight is 1/E; fold E into down.
+            router = torch.zeros(block.num_experts, block.mlp.up.shape[1])
+            factors *= block.num_experts
+        else:
+            router = block.router
+            if block.combine == "unit":
+                factors *= block.top_k
+        return router, factors
+
+    def layer_tensors(self, layer: int, block: MoeLayer, source: SourceInfo) -> dict[str, torch.Tensor]:
+        prefix = f"{source.adapter.layers_prefix}.{layer}.{self.block_attr}"
+        if isinstance(block, DenseMLP):
+            return dense_tensors(prefix, block, ("gate_proj", "up_proj", "down_proj"))
+        router, factors = self._expert_weights(block)
+        tensors = {f"{prefix}.gate.weight": router}
+        for e in range(block.num_experts):
+            expert = block.expert(e)
+            expert = DenseMLP(expert.gate, expert.up, expert.down * factors[e], expert.activation)
+            tensors.update(dense_tensors(f"{prefix}.experts.{e}", expert, self.expert_names))
+        if self.has_shared:
+            hidden = block.mlp.up.shape[1]
+            shared = block.shared or DenseMLP(torch.zeros(0, hidden), torch.zeros(0, hidden), torch.zeros(hidden, 0),
+                                              block.mlp.activation)
+            # sigmoid(0) = 1/2 on a zero gate: double down_proj so the shared expert counts once.
+            doubled = DenseMLP(shared.gate, shared.up, shared.down * 2, shared.activation)
+            tensors.update(dense_tensors(f"{prefix}.shared_expert", doubled, ("gate_proj", "up_proj", "down_proj")))
+            tensors[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, shared.up.shape[1])
+        return tensors
+
+    def config(self, source: SourceInfo, blocks: dict[int, dict], dtype: str) -> dict:
+        from transformers import AutoConfig
+
+        specs = list(blocks.values())
+        first = specs[0]
+        if any((s["widths"], s["top_k"], s["shared_width"]) != (first["widths"], first["top_k"],
+                                                                 first["shared_width"]) for s in specs):
+            raise ValueError(f"{self.name} needs the same expert count, width and top_k in every layer")
+        fields = {k: v for k, v in source.config.items() if k in SEMANTIC_KEYS or k == "head_dim"}
+        fields.update({
+            self.num_experts_key: len(first["widths"]),
+            self.width_key: first["widths"][0],
+            "num_experts_per_tok": first["top_k"],
+            "dtype": dtype,
+        })
+        if self.renormalize_key:
+            fields[self.renormalize_key] = first["scoring"] == "none" or first["combine"] == "renormalize"
+        fields.update(self._extra_config(source, blocks))
+        target = AutoConfig.for_model(self.model_type, **fields)
+        for key in SEMANTIC_KEYS:
+            if key in source.config and not _same(key, getattr(target, key, None), source.config[key]):
+                raise ValueError(f"{self.name} config would change {key}: {source.config[key]!r} → "
+                                 f"{getattr(target, key, None)!r}")
+        if _head_dim(target) != _head_dim(source.config):
+            raise ValueError(f"{self.name} cannot express head_dim {_head_dim(source.config)}")
+        target.architectures = [self.architecture]
+        return target.to_dict()
+
+    def _config_unsupported(self, source: SourceInfo, plan: LayerPlan) -> str | None:
+        """Build the target config for the planned layers now, so a mismatch fails before any writing."""
+        spec = {"widths": [plan.expert_width] * plan.num_experts, "top_k": plan.top_k, "scoring": plan.scoring,
+                "combine": plan.combine, "shared_width": 8 if plan.shared else 0}
+        layers = range(source.adapter.num_layers(source.config))
+        try:
+            self.config(source, {i: spec for i in layers if i not in plan.dense_layers}, "float32")
+        except (ValueError, TypeError, KeyError) as exc:
+            return str(exc)
+        return None
+
+    def _extra_config(self, source: SourceInfo, blocks: dict[int, dict]) -> dict:
+        return {}
+
+    def block_specs(self, config: dict) -> dict[int, dict]:
+        return standard_block_specs(self, config)
+
+
+def standard_block_specs(fmt: StandardMoeFormat, config: dict) -> dict[int, dict]:
+    """Read a standard MoE config back into native-style block specs (the inverse of `config`)."""
+    num_experts = config.get(fmt.num_experts_key) or config["num_experts"]
+    dense = set(config.get("mlp_only_layers") or [])
+    spec = {"widths": [config[fmt.width_key]] * num_experts, "top_k": config["num_experts_per_tok"],
+            "scoring": "softmax", "combine": "renormalize" if config.get(fmt.renormalize_key or "", True) else "prob",
+            "activation": config.get("hidden_act", "silu"), "gated": True,
+            "shared_width": config.get("shared_expert_intermediate_size", 0) if fmt.has_shared else 0}
+    return {i: dict(spec) for i in range(config["num_hidden_layers"]) if i not in dense}

@@ -1,0 +1,68 @@
+"""moefy's own format: the source architecture + MoeBlock, modeling code written into OUT."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from moefy.export.base import ExportFormat, dense_tensors
+from moefy.moe import modeling_moefy
+from moefy.moe.layer import DenseMLP, MoeLayer
+
+MODELING_FILE = Path(modeling_moefy.__file__)
+
+
+def packed_gate_up(mlp: DenseMLP, widths: list[int]) -> torch.Tensor:
+    """Each expert's gate rows then up rows as one contiguous block (see modeling_moefy)."""
+    if mlp.gate is None:
+        return mlp.up
+    blocks, start = [], 0
+    for w in widths:
+        blocks += [mlp.gate[start:start + w], mlp.up[start:start + w]]
+        start += w
+    return torch.cat(blocks)
+
+
+class NativeFormat(ExportFormat):
+    name = "native"
+    summary = "moefy MoeBlock (any widths, unit/prob/renormalised, static, shared): moefy.load or trust_remote_code"
+
+    def unsupported(self, source, plan):
+        return None
+
+    def layer_tensors(self, layer, block, source):
+        prefix = source.adapter.mlp_prefix(layer)
+        if isinstance(block, DenseMLP):
+            return dense_tensors(prefix, block, (source.adapter.gate, source.adapter.up, source.adapter.down))
+        tensors = {f"{prefix}.experts.gate_up_proj": packed_gate_up(block.mlp, block.widths),
+                   f"{prefix}.experts.down_proj": block.mlp.down,
+                   f"{prefix}.expert_scales": block.scales}
+        if block.router is not None:
+            tensors[f"{prefix}.router.weight"] = block.router
+        if block.shared is not None:
+            tensors[f"{prefix}.shared.gate_up_proj"] = packed_gate_up(block.shared, [block.shared.width])
+            tensors[f"{prefix}.shared.down_proj"] = block.shared.down
+        return tensors
+
+    def config(self, source, blocks, dtype):
+        config = {k: v for k, v in source.config.items() if k not in ("architectures", "auto_map")}
+        config.update({
+            "model_type": modeling_moefy.MoefyConfig.model_type,
+            "base_model_type": source.adapter.model_type,
+            "architectures": ["MoefyForCausalLM"],
+            "auto_map": {"AutoConfig": "modeling_moefy.MoefyConfig",
+                         "AutoModelForCausalLM": "modeling_moefy.MoefyForCausalLM"},
+            "layers_path": source.adapter.layers_prefix,
+            "mlp_attr": source.adapter.mlp_attr,
+            "moe_layers": {str(i): spec for i, spec in sorted(blocks.items())},
+            "dtype": dtype,
+        })
+        return config
+
+    def block_specs(self, config):
+        return {int(i): spec for i, spec in config["moe_layers"].items()}
+
+    def write_files(self, out_dir):
+        shutil.copyfile(MODELING_FILE, Path(out_dir) / MODELING_FILE.name)

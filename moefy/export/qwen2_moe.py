@@ -1,0 +1,43 @@
+import torch
+
+from moefy.export.base import StandardMoeFormat, _head_dim
+
+
+class Qwen2MoeFormat(StandardMoeFormat):
+    name = "qwen2_moe"
+    summary = "Qwen2MoeForCausalLM: shared + routed experts (exact via zero shared gate, doubled down_proj)"
+    model_type = "qwen2_moe"
+    architecture = "Qwen2MoeForCausalLM"
+    block_attr = "mlp"
+    expert_names = ("gate_proj", "up_proj", "down_proj")
+    num_experts_key = "num_experts"
+    width_key = "moe_intermediate_size"
+    families = ("llama", "mistral", "qwen2")
+    has_shared = True
+    can_skip_layers = True
+    renormalize_key = "norm_topk_prob"
+
+    def _attention_unsupported(self, config):
+        if config.get("attention_bias"):
+            return "qwen2_moe has q/k/v biases but no o_proj bias; this model's attention has an o_proj bias"
+        if config.get("model_type") == "mistral" and config.get("sliding_window"):
+            return "qwen2_moe cannot express Mistral's all-layer sliding window: use mixtral or native"
+        return None
+
+    def extra_tensors(self, layer, source, has):
+        prefix = f"{source.adapter.layers_prefix}.{layer}.self_attn"
+        head_dim = _head_dim(source.config)
+        sizes = {"q_proj": source.config["num_attention_heads"] * head_dim,
+                 "k_proj": source.config["num_key_value_heads"] * head_dim,
+                 "v_proj": source.config["num_key_value_heads"] * head_dim}
+        return {f"{prefix}.{p}.bias": torch.zeros(n) for p, n in sizes.items() if not has(f"{prefix}.{p}.bias")}
+
+    def _extra_config(self, source, blocks):
+        first = next(iter(blocks.values()))
+        dense = [i for i in range(source.adapter.num_layers(source.config)) if i not in blocks]
+        extra = {"qkv_bias": True, "shared_expert_intermediate_size": first["shared_width"],
+                 "intermediate_size": source.mlp_width, "mlp_only_layers": dense, "decoder_sparse_step": 1}
+        for key in ("use_sliding_window", "max_window_layers"):
+            if key in source.config:
+                extra[key] = source.config[key]
+        return extra

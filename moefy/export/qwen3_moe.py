@@ -1,0 +1,27 @@
+from moefy.export.base import StandardMoeFormat
+
+
+class Qwen3MoeFormat(StandardMoeFormat):
+    name = "qwen3_moe"
+    summary = "Qwen3MoeForCausalLM: Qwen3 sources, routed experts, softmax top-k (renormalised or not)"
+    model_type = "qwen3_moe"
+    architecture = "Qwen3MoeForCausalLM"
+    block_attr = "mlp"
+    expert_names = ("gate_proj", "up_proj", "down_proj")
+    num_experts_key = "num_local_experts"
+    width_key = "moe_intermediate_size"
+    families = ("qwen3",)
+    can_skip_layers = True
+    renormalize_key = "norm_topk_prob"
+
+    def _attention_unsupported(self, config):
+        return None  # Qwen3MoE keeps Qwen3's attention (biases flag, q/k norms) as is
+
+    def _extra_config(self, source, blocks):
+        dense = [i for i in range(source.adapter.num_layers(source.config)) if i not in blocks]
+        extra = {"intermediate_size": source.mlp_width, "mlp_only_layers": dense, "decoder_sparse_step": 1,
+                 "attention_bias": bool(source.config.get("attention_bias", False))}
+        for key in ("use_sliding_window", "max_window_layers"):
+            if key in source.config:
+                extra[key] = source.config[key]
+        return extra

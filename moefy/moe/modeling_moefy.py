@@ -1,0 +1,216 @@
+"""moefy's native MoE model: a dense decoder whose chosen MLPs are replaced by `MoeBlock`.
+
+This file is copied verbatim into every native checkpoint so that
+`AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` works without moefy
+installed; it therefore imports only torch and transformers (moefy_kernels when present).
+
+Storage is the dense MLP layout with its intermediate dimension partitioned into experts:
+`experts.gate_up_proj` [Σ 2·I_e, H] holds expert e's gate rows then up rows as one block,
+`experts.down_proj` [H, Σ I_e] its down columns.  With equal widths these are free views of
+the kernel layout (w13 [E, 2I, H], w2 [E, H, I]); with unequal widths (pruned branches) no
+padding is stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+try:  # the fused/grouped backends; the fallback below keeps OUT loadable without moefy
+    from moefy_kernels import moe_forward
+except ImportError:  # pragma: no cover - exercised only where moefy is not installed
+    moe_forward = None
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+_MOEFY_KEYS = ("base_model_type", "moe_layers", "layers_path", "mlp_attr")
+
+
+class MoefyConfig(PretrainedConfig):
+    """The source model's config fields, plus where the MoE blocks go and what they compute.
+
+    `moe_layers` maps a layer index (as a string) to a block spec: widths, top_k, scoring
+    ("softmax" | "sigmoid" | "none" for a static all-experts MoE), combine ("unit" | "prob" |
+    "renormalize"), activation, gated, shared_width.
+    """
+
+    model_type = "moefy"
+
+    def __init__(self, base_model_type: str = "llama", moe_layers: dict | None = None,
+                 layers_path: str = "model.layers", mlp_attr: str = "mlp", **kwargs):
+        self.base_model_type = base_model_type
+        self.moe_layers = moe_layers or {}
+        self.layers_path = layers_path
+        self.mlp_attr = mlp_attr
+        super().__init__(**kwargs)
+
+    def base_config(self) -> PretrainedConfig:
+        fields = {k: v for k, v in self.to_dict().items()
+                  if k not in _MOEFY_KEYS + ("model_type", "auto_map", "architectures", "transformers_version")}
+        return AutoConfig.for_model(self.base_model_type, **fields)
+
+
+class PackedExperts(nn.Module):
+    """Experts of (possibly) unequal widths stored as one partitioned dense MLP."""
+
+    def __init__(self, hidden: int, widths: list[int], gated: bool, dtype=None):
+        super().__init__()
+        self.widths = list(widths)
+        self.gated = gated
+        rows = (2 if gated else 1) * sum(widths)
+        self.gate_up_proj = nn.Parameter(torch.empty(rows, hidden, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(hidden, sum(widths), dtype=dtype))
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.widths)) == 1
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel layout views: w13 [E, 2I, H], w2 [E, H, I] (equal widths only, no copy)."""
+        e, i = len(self.widths), self.widths[0]
+        w13 = self.gate_up_proj.view(e, -1, self.gate_up_proj.shape[1])
+        w2 = self.down_proj.view(self.down_proj.shape[0], e, i).permute(1, 0, 2)
+        return w13, w2
+
+    def dense_forward(self, x: torch.Tensor, act, column_scale: torch.Tensor | None) -> torch.Tensor:
+        """All experts at once: one GEMM in, one GEMM out (the static MoE's fast path)."""
+        z = F.linear(x, self.gate_up_proj)
+        if self.gated:
+            if self.uniform:
+                z = z.view(*z.shape[:-1], len(self.widths), 2, self.widths[0])
+                h = act(z[..., 0, :]) * z[..., 1, :]
+                h = h.reshape(*x.shape[:-1], -1)
+            else:
+                gate_idx, up_idx = self._gate_up_index(z.device)
+                h = act(z[..., gate_idx]) * z[..., up_idx]
+        else:
+            h = act(z)
+        if column_scale is not None:
+            h = h * column_scale
+        return F.linear(h, self.down_proj)
+
+    def _gate_up_index(self, device):
+        gate, up, offset = [], [], 0
+        for w in self.widths:
+            gate.append(torch.arange(offset, offset + w))
+            up.append(torch.arange(offset + w, offset + 2 * w))
+            offset += 2 * w
+        return torch.cat(gate).to(device), torch.cat(up).to(device)
+
+
+class MoeBlock(nn.Module):
+    """Routed experts (+ optional always-on shared expert) with exact, configurable semantics."""
+
+    def __init__(self, hidden: int, spec: dict, dtype=None):
+        super().__init__()
+        self.spec = spec
+        self.scoring = spec["scoring"]
+        self.top_k = spec["top_k"]
+        self.combine = spec["combine"]
+        self.activation = spec["activation"]
+        self.gated = spec["gated"]
+        self.backend = "auto"
+        widths = spec["widths"]
+        self.experts = PackedExperts(hidden, widths, self.gated, dtype)
+        self.expert_scales = nn.Parameter(torch.ones(len(widths), dtype=dtype))
+        self.router = nn.Linear(hidden, len(widths), bias=False, dtype=dtype) if self.scoring != "none" else None
+        shared = spec.get("shared_width", 0)
+        self.shared = PackedExperts(hidden, [shared], self.gated, dtype) if shared else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        act = _ACTIVATIONS[self.activation]
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        if self.router is None:
+            column_scale = torch.repeat_interleave(
+                self.expert_scales, torch.tensor(self.experts.widths, device=x.device))
+            y = self.experts.dense_forward(x, act, column_scale)
+            if self.shared is not None:
+                y = y + self.shared.dense_forward(x, act, None)
+        else:
+            y = self._routed(x)
+        return y.reshape(shape)
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)
+        w13, w2 = self.experts.stacked()
+        shared = None
+        if self.shared is not None:
+            shared = (self.shared.gate_up_proj, self.shared.down_proj)
+        kwargs = dict(scoring=self.scoring, combine=self.combine, activation=self.activation, gated=self.gated,
+                      shared=shared, expert_scales=self.expert_scales)
+        if moe_forward is not None:
+            return moe_forward(x, logits, w13, w2, self.top_k, backend=self.backend, **kwargs)
+        return _dense_masked_moe(x, logits, w13, w2, self.top_k, **kwargs)
+
+
+def _dense_masked_moe(x, logits, w13, w2, top_k, *, scoring, combine, activation, gated, shared, expert_scales):
+    """Fallback without moefy_kernels: every expert on every token, masked by the routing weights."""
+    act = _ACTIVATIONS[activation]
+    probs = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()
+    top_p, top_i = torch.topk(probs, top_k, dim=-1)
+    if combine == "unit":
+        top_p = torch.ones_like(top_p)
+    elif combine == "renormalize":
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    dense_w = torch.zeros_like(probs).scatter(-1, top_i, top_p) * expert_scales.float()
+    z = torch.einsum("th,eoh->teo", x.float(), w13.float())
+    h = act(z[..., : w2.shape[-1]]) * z[..., w2.shape[-1]:] if gated else act(z)
+    y = torch.einsum("tei,ehi,te->th", h, w2.float(), dense_w)
+    if shared is not None:
+        zs = F.linear(x.float(), shared[0].float())
+        hs = act(zs[..., : shared[1].shape[-1]]) * zs[..., shared[1].shape[-1]:] if gated else act(zs)
+        y = y + F.linear(hs, shared[1].float())
+    return y.to(x.dtype)
+
+
+class MoefyForCausalLM(PreTrainedModel, GenerationMixin):
+    """The source architecture's causal LM, built from the stored base config, with MoE MLPs."""
+
+    config_class = MoefyConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: MoefyConfig):
+        super().__init__(config)
+        base_config = config.base_config()
+        base_config._attn_implementation = config._attn_implementation
+        dense_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
+        dense = dense_cls(base_config)
+        for name, child in dense.named_children():
+            setattr(self, name, child)
+        self._dense_forward = dense_cls.forward
+        self._tied_weights_keys = dict(getattr(dense, "_tied_weights_keys", None) or {})
+        dtype = next(dense.parameters()).dtype
+        layers = self.get_submodule(config.layers_path)
+        for index, spec in config.moe_layers.items():
+            setattr(layers[int(index)], config.mlp_attr, MoeBlock(config.hidden_size, spec, dtype))
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, MoeBlock):
+            nn.init.ones_(module.expert_scales)
+        elif isinstance(module, PackedExperts):
+            std = getattr(self.config, "initializer_range", 0.02)
+            nn.init.normal_(module.gate_up_proj, std=std)
+            nn.init.normal_(module.down_proj, std=std)
+        else:
+            super()._init_weights(module)
+
+    def forward(self, *args, **kwargs):
+        return self._dense_forward(self, *args, **kwargs)
+
+    def set_backend(self, backend: str) -> None:
+        for module in self.modules():
+            if isinstance(module, MoeBlock):
+                module.backend = backend

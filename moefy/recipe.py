@@ -1,0 +1,131 @@
+"""Recipes: YAML files of transforms + calibration + output + gates, validated before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moefy.errors import BadInput
+from moefy.transforms import TRANSFORMS, Transform
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(_Strict):
+    samples: int = Field(64, ge=1)
+    seq_len: int = Field(512, ge=2)
+    dataset: str | None = None
+
+
+class OutputConfig(_Strict):
+    format: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    shard_size: str | int = "2GB"
+
+
+class GatesConfig(_Strict):
+    max_delta_ppl_pct: float | None = None
+    dataset: str | None = None
+    max_windows: int = Field(40, ge=1)
+    seq_len: int = Field(512, ge=2)
+
+
+class Recipe(_Strict):
+    name: str = "custom"
+    description: str = ""
+    transforms: list[dict[str, dict[str, Any] | None]] = Field(min_length=1)
+    calibration: CalibrationConfig = CalibrationConfig()
+    output: OutputConfig = OutputConfig()
+    gates: GatesConfig | None = None
+
+    @field_validator("transforms")
+    @classmethod
+    def _one_key_each(cls, value):
+        for i, step in enumerate(value):
+            if len(step) != 1:
+                raise ValueError(f"transforms.{i} must be a mapping with exactly one transform name, got {list(step)}")
+        return value
+
+    def build_transforms(self, seed: int) -> list[Transform]:
+        built = []
+        for i, step in enumerate(self.transforms):
+            (name, options), = step.items()
+            if name not in TRANSFORMS:
+                raise BadInput(f"recipe transforms.{i}: unknown transform {name!r}. Valid transforms: "
+                               f"{', '.join(sorted(TRANSFORMS))}.")
+            cls = TRANSFORMS[name]
+            try:
+                built.append(cls(cls.Options.model_validate(options or {}), seed=seed))
+            except ValidationError as exc:
+                raise BadInput(f"recipe transforms.{i}.{name}: {_describe(exc)}. Valid options: "
+                               f"{', '.join(cls.Options.model_fields)}.") from None
+        return built
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def builtin_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(CONFIGS_DIR.glob("*.yaml"))}
+
+
+def _set_key(data: dict, dotted: str, value: Any) -> None:
+    node: Any = data
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+            if node is None:
+                raise KeyError(key)
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_recipe(spec: str, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe by path or built-in name and apply `--set KEY=VALUE` overrides (YAML values)."""
+    path = Path(spec)
+    if not path.is_file():
+        builtins = builtin_recipes()
+        if spec not in builtins:
+            raise BadInput(f"recipe {spec!r} is neither a file nor a built-in recipe. Built-in recipes: "
+                           f"{', '.join(builtins)} (see `moefy recipes`).")
+        path = builtins[spec]
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BadInput(f"recipe {path} is not valid YAML ({exc}).") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"recipe {path} must be a YAML mapping with a `transforms:` list.")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise BadInput(f"--set {item!r} must look like KEY=VALUE, e.g. transforms.0.slice.experts=32.")
+        try:
+            _set_key(data, key, yaml.safe_load(raw))
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise BadInput(f"--set {key}: no such place in recipe {path.name}. Keys are dotted paths, list "
+                           f"items by index, e.g. transforms.0.slice.experts=32.") from None
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise BadInput(f"recipe {path}: {_describe(exc)}. Top-level keys: {', '.join(Recipe.model_fields)}.") \
+            from None

@@ -1,0 +1,80 @@
+"""Parameter accounting of a checkpoint directory from config.json and safetensors headers only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from moefy.arch import ADAPTERS
+from moefy.errors import BadInput
+from moefy.export import FORMATS
+from moefy.io.checkpoint import Checkpoint
+from moefy.io.safetensors_header import read_header
+
+FORMAT_OF_MODEL_TYPE = {"moefy": "native", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
+
+
+def _mlp_params(hidden: int, width: int, gated: bool) -> int:
+    return (3 if gated else 2) * hidden * width
+
+
+def summarize(path: Path) -> dict:
+    """The `moefy inspect --json` report (DESIGN.md) for a dense or MoE checkpoint directory."""
+    ckpt = Checkpoint(Path(path))
+    config = ckpt.config
+    model_type = config.get("model_type")
+    params_total = 0
+    for shard in ckpt.weight_files:
+        if shard.suffix == ".safetensors":
+            params_total += sum(math.prod(t["shape"]) for t in read_header(shard).values())
+        else:
+            params_total += sum(t.numel() for t in ckpt._load_bin(shard).values())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    if model_type in FORMAT_OF_MODEL_TYPE:
+        fmt = FORMAT_OF_MODEL_TYPE[model_type]
+        specs = FORMATS[fmt].block_specs(config)
+        architecture = config.get("base_model_type", model_type)
+        dense_width = config.get("intermediate_size", 0)
+    elif model_type in ADAPTERS:
+        fmt, specs, architecture = "dense", {}, model_type
+        dense_width = ADAPTERS[model_type].mlp_width(config)
+    else:
+        raise BadInput(f"{path}: model_type {model_type!r} is neither a supported dense family "
+                       f"({', '.join(sorted(ADAPTERS))}) nor a MoE format moefy writes.")
+    gated = ADAPTERS[architecture].gated if architecture in ADAPTERS else True
+    mlp_total = mlp_active = 0
+    inactive = 0
+    for layer in range(layers):
+        spec = specs.get(layer)
+        if spec is None:
+            dense = _mlp_params(hidden, dense_width, gated)
+            mlp_total, mlp_active = mlp_total + dense, mlp_active + dense
+            continue
+        expert = [_mlp_params(hidden, w, spec["gated"]) for w in spec["widths"]]
+        shared = _mlp_params(hidden, spec["shared_width"], spec["gated"])
+        # routed experts have equal widths, so any top_k of them cost the same
+        active = sum(sorted(expert, reverse=True)[: spec["top_k"]]) + shared
+        mlp_total += sum(expert) + shared
+        mlp_active += active
+        inactive += sum(expert) + shared - active
+    first = specs[min(specs)] if specs else None
+    return {
+        "format": fmt,
+        "architecture": architecture,
+        "num_layers": layers,
+        "moe_layers": len(specs),
+        "num_experts": len(first["widths"]) if first else 0,
+        "top_k": first["top_k"] if first else 0,
+        "shared_experts": int(bool(first and first["shared_width"])),
+        "expert_width": (first["widths"][0] if len(set(first["widths"])) == 1 else list(first["widths"]))
+        if first else 0,
+        "scoring": first["scoring"] if first else None,
+        "combine": first["combine"] if first else None,
+        "params_total": params_total,
+        "params_active_per_token": params_total - inactive,
+        "mlp_params_total": mlp_total,
+        "mlp_active_fraction": mlp_active / mlp_total if mlp_total else 1.0,
+        "moefy": json.loads((Path(path) / "moefy.json").read_text()) if (Path(path) / "moefy.json").is_file()
+        else None,
+    }

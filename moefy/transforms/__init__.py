@@ -1,0 +1,12 @@
+"""Registry of transforms: add one with a module and one line here."""
+
+from __future__ import annotations
+
+from moefy.transforms.base import LayerPlan, SourceInfo, Transform
+from moefy.transforms.slice import Slice
+
+TRANSFORMS: dict[str, type[Transform]] = {
+    Slice.name: Slice,
+}
+
+__all__ = ["TRANSFORMS", "Transform", "LayerPlan", "SourceInfo"]

@@ -1,0 +1,101 @@
+"""Tiny random models built in the test, so the suite runs in seconds without downloads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+STANDARD_FORMATS = {"llama": ("mixtral", "qwen2_moe"), "mistral": ("mixtral",), "qwen2": ("qwen2_moe",),
+                    "qwen3": ("qwen3_moe",)}
+
+os.environ.setdefault("MOEFY_CACHE", str(REPO / ".cache-test"))
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (ASCII printable → ids 1..95), enough for perplexity tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{chr(c): c - 31 for c in range(32, 127)}, "\n": 96}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def make_tiny(path: Path, model_type: str = "llama", *, safe: bool = True, shard: str | None = None,
+              **overrides) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    torch.manual_seed(0)
+    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True, max_position_embeddings=256)
+    fields.update(overrides)
+    config = AutoConfig.for_model(model_type, **fields)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random but not degenerate norms, so norm weights matter in the test
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    if not safe:  # the legacy pickle format, which transformers 5 no longer writes itself
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
+    GenerationConfig(bos_token_id=1, eos_token_id=2, temperature=0.7, do_sample=True).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Factory: tiny(model_type, **config overrides) → saved model dir."""
+    counter = iter(range(1000))
+
+    def build(model_type: str = "llama", **kwargs) -> Path:
+        return make_tiny(tmp_path / f"{model_type}-{next(counter)}", model_type, **kwargs)
+
+    return build
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    text = ("The quick brown fox jumps over the lazy dog. " * 8 + "\n") * 20
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    return path
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def random_ids(vocab: int = 128, batch: int = 2, length: int = 13, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def load_dense(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def run_cli(*args: str):
+    """Run the CLI in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from moefy.cli import app
+
+    result = CliRunner().invoke(app, ["-q", *map(str, args)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,136 @@
+"""Bad input: exit 2 with one clear paragraph that names the problem, never a traceback."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def _expect_bad(args, *needles):
+    code, stdout, stderr = run_cli(*args)
+    assert code == 2, (code, stdout, stderr)
+    assert "Traceback" not in stderr + stdout
+    for needle in needles:
+        assert needle in stderr, stderr
+    return stderr
+
+
+def test_missing_source(tmp_path):
+    _expect_bad(["convert", tmp_path / "nope", "-r", "mlpmoe", "-o", tmp_path / "out"], "does not exist")
+
+
+def test_file_instead_of_model_dir(tmp_path):
+    f = tmp_path / "weights.txt"
+    f.write_text("x")
+    _expect_bad(["convert", f, "-r", "mlpmoe", "-o", tmp_path / "out"], "is a file, not a model directory")
+
+
+def test_dir_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _expect_bad(["convert", tmp_path / "empty", "-r", "mlpmoe", "-o", tmp_path / "out"], "no config.json")
+
+
+def test_unsupported_architecture(tiny, tmp_path):
+    src = tiny("llama")
+    config = json.loads((src / "config.json").read_text())
+    config["model_type"] = "mixtral"
+    (src / "config.json").write_text(json.dumps(config))
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", tmp_path / "out"], "'mixtral'", "Supported: llama")
+
+
+def test_truncated_safetensors(tiny, tmp_path):
+    src = tiny("llama")
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", tmp_path / "out"], "truncated")
+
+
+def test_unknown_recipe_key(tiny, tmp_path):
+    _expect_bad(["convert", tiny("llama"), "-r", "mlpmoe", "-o", tmp_path / "out", "--set",
+                 "transforms.0.slice.expertz=4"], "expertz", "unknown key")
+
+
+def test_unknown_top_level_recipe_key(tiny, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("transforms: [{slice: {experts: 4}}]\noutptu: {}\n")
+    _expect_bad(["convert", tiny("llama"), "-r", recipe, "-o", tmp_path / "out"], "outptu")
+
+
+def test_unknown_transform(tiny, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("transforms: [{slcie: {experts: 4}}]\n")
+    _expect_bad(["convert", tiny("llama"), "-r", recipe, "-o", tmp_path / "out"], "slcie", "Valid transforms: slice")
+
+
+def test_unknown_recipe_name(tiny, tmp_path):
+    _expect_bad(["convert", tiny("llama"), "-r", "no-such-recipe", "-o", tmp_path / "out"], "mlpmoe")
+
+
+def test_experts_larger_than_width(tiny, tmp_path):
+    _expect_bad(["convert", tiny("llama"), "-r", "mlpmoe", "-o", tmp_path / "out", "--set",
+                 "transforms.0.slice.experts=129"], "larger than the MLP width (128)")
+
+
+def test_remainder_error(tiny, tmp_path):
+    _expect_bad(["convert", tiny("llama"), "-r", "mlpmoe", "-o", tmp_path / "out", "--set",
+                 "transforms.0.slice.experts=5", "--set", "transforms.0.slice.remainder=error"], "does not divide")
+
+
+def test_existing_out_needs_force(tiny, tmp_path):
+    src = tiny("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", out], "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "precious"
+    assert run_cli("convert", src, "-r", "mlpmoe", "-o", out, "--force")[0] == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_out_inside_source(tiny):
+    src = tiny("llama")
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", src / "moe"], "inside the source")
+
+
+def test_format_that_cannot_hold_the_model(tiny, tmp_path):
+    _expect_bad(["convert", tiny("qwen2"), "-r", "mlpmoe", "-o", tmp_path / "out", "--format", "mixtral"],
+                "mixtral holds llama, mistral")
+
+
+def test_unknown_format(tiny, tmp_path):
+    _expect_bad(["convert", tiny("llama"), "-r", "mlpmoe", "-o", tmp_path / "out", "--format", "gguf"],
+                "unknown", "native")
+
+
+def test_malformed_set(tiny, tmp_path):
+    _expect_bad(["convert", tiny("llama"), "-r", "mlpmoe", "-o", tmp_path / "out", "--set", "experts"],
+                "KEY=VALUE")
+
+
+def test_prune_everything(tiny, tmp_path):
+    _expect_bad(["convert", tiny("llama"), "-r", "mlpmoe-compensated", "-o", tmp_path / "out", "--set",
+                 "transforms.0.slice.prune.branches=16"], "removes all 16 branches")
+
+
+@pytest.mark.parametrize("content,needle", [(b"", "is empty"), (b"\xff\xfe\xfa", "not UTF-8")])
+def test_bad_eval_dataset(tiny, tmp_path, content, needle):
+    data = tmp_path / "data.txt"
+    data.write_bytes(content)
+    _expect_bad(["eval", tiny("llama"), "--dataset", data], needle)
+
+
+def test_eval_dataset_missing_or_too_short(tiny, tmp_path):
+    src = tiny("llama")
+    _expect_bad(["eval", src, "--dataset", tmp_path / "missing.txt"], "does not exist")
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    _expect_bad(["eval", src, "--dataset", short, "--seq-len", "64"], "fewer than one window")
+
+
+def test_eval_unknown_backend(tiny, text_file):
+    _expect_bad(["eval", tiny("llama"), "--dataset", text_file, "--backend", "magic"], "unknown backend")
+
+
+def test_bad_dtype(tiny, tmp_path):
+    _expect_bad(["convert", tiny("llama"), "-r", "mlpmoe", "-o", tmp_path / "out", "--dtype", "int3"], "--dtype")

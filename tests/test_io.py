@@ -1,0 +1,73 @@
+"""Checkpoint input forms, streaming and atomic output."""
+
+import os
+
+import pytest
+import torch
+
+import moefy
+from moefy.export.native import NativeFormat
+from tests.conftest import load_dense, logits, random_ids, read_json, run_cli
+
+
+def test_sharded_safetensors_source(tiny, tmp_path):
+    src = tiny("llama", shard="40KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    out = tmp_path / "out"
+    assert run_cli("convert", src, "-r", "mlpmoe", "-o", out)[0] == 0
+    assert len(read_json(out / "moefy.json")["source"]["weights_sha256"]) > 1
+    torch.testing.assert_close(logits(moefy.load(out), random_ids()), logits(load_dense(src), random_ids()),
+                               atol=1e-5, rtol=0)
+
+
+def test_pytorch_bin_source(tiny, tmp_path):
+    src = tiny("qwen2", safe=False)
+    assert (src / "pytorch_model.bin").is_file() and not (src / "model.safetensors").exists()
+    out = tmp_path / "out"
+    code, _, err = run_cli("convert", src, "-r", "mlpmoe", "-o", out)
+    assert code == 0, err
+    torch.testing.assert_close(logits(moefy.load(out), random_ids()), logits(load_dense(src), random_ids()),
+                               atol=1e-5, rtol=0)
+
+
+def test_missing_shard_is_bad_input(tiny, tmp_path):
+    src = tiny("llama", shard="40KB")
+    shard = sorted(src.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    code, _, err = run_cli("convert", src, "-r", "mlpmoe", "-o", tmp_path / "out")
+    assert code == 2 and "missing" in err
+
+
+def test_failed_convert_leaves_nothing(tiny, tmp_path, monkeypatch):
+    src = tiny("llama")
+    out = tmp_path / "out"
+
+    def boom(self, out_dir):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(NativeFormat, "write_files", boom)
+    with pytest.raises(RuntimeError):
+        from moefy.convert import convert
+        from moefy.recipe import load_recipe
+
+        convert(str(src), load_recipe("mlpmoe"), out, fmt="native")
+    assert not out.exists()
+    assert [p for p in os.listdir(tmp_path) if "moefy-tmp" in p] == []
+
+
+def test_dry_run_writes_nothing(tiny, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli("convert", tiny("llama"), "-r", "mlpmoe-fade", "-o", out, "--dry-run")
+    assert code == 0 and '"format": "native"' in stdout
+    assert not out.exists()
+
+
+def test_bfloat16_output(tiny, tmp_path):
+    src = tiny("llama")
+    out = tmp_path / "out"
+    assert run_cli("convert", src, "-r", "mlpmoe", "-o", out, "--dtype", "bfloat16")[0] == 0
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    assert read_json(out / "config.json")["dtype"] == "bfloat16"
