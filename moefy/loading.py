@@ -31,7 +31,9 @@ def resolve_model(spec: str | Path) -> Checkpoint:
 def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
     """`spec` is anything `convert` accepts as SOURCE, or a moefy output directory."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # moefy prints its own progress
     ckpt = resolve_model(spec)
     dtype = dtype or torch.float32
     kwargs = {"dtype": dtype}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,6 @@ WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 STANDARD_FORMATS = {"llama": ("mixtral", "qwen2_moe"), "mistral": ("mixtral",), "qwen2": ("qwen2_moe",),
                     "qwen3": ("qwen3_moe",)}
-
-os.environ.setdefault("MOEFY_CACHE", str(REPO / ".cache-test"))
 
 
 def char_tokenizer():

@@ -63,3 +63,15 @@ def test_missed_gate_exits_1_and_keeps_output(tiny, tmp_path, text_file):
     code, _, err = run_cli("convert", tiny("llama"), "-r", recipe, "-o", out, "--eval-dataset", text_file)
     assert code == 1 and "gate" in err
     assert read_json(out / "moefy.json")["gates"]["passed"] is False
+
+
+def test_crlf_text_reads_like_text_mode(tmp_path):
+    from moefy.io.data import load_text
+
+    path = tmp_path / "crlf.raw"
+    path.write_bytes(b"one\r\ntwo\rthree\n")
+    data = load_text(str(path))
+    assert data.text == "one\ntwo\nthree\n"
+    import hashlib
+
+    assert data.sha256 == hashlib.sha256(b"one\r\ntwo\rthree\n").hexdigest()

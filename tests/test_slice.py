@@ -64,7 +64,7 @@ def test_fade_equals_dense_with_the_faded_neurons_removed(tiny, tmp_path):
 
     def keep(mlp):
         kept = torch.zeros(mlp.width)
-        scores = neuron_scores(mlp, "magnitude")
+        scores = neuron_scores(mlp, "down_max")
         widths = branch_widths(mlp.width, 8)
         layer = transform.apply(0, mlp)
         for b, (start, k) in enumerate(zip([sum(widths[:i]) for i in range(8)], layer.widths)):
@@ -91,7 +91,7 @@ def test_compensated_pruning_equals_scaled_dense(tiny, tmp_path, compensation, f
     assert config["architectures"] == ["MixtralForCausalLM"] and config["num_local_experts"] == 6
 
     def keep(mlp):
-        scores = neuron_scores(mlp, "magnitude").view(8, 16).sum(1)
+        scores = neuron_scores(mlp, "down_max").view(8, 16).sum(1)
         dropped = torch.topk(scores, 2, largest=False).indices
         column = torch.full((8, 16), factor)
         column[dropped] = 0

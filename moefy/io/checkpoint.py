@@ -47,7 +47,7 @@ class Checkpoint:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BadInput(f"{config_path} is not valid JSON ({exc}). Fix or re-download the checkpoint.") from None
         self._locations = self._index_weights()
-        self._handles: dict[Path, object] = {}
+        self._open: tuple[Path, object] | None = None  # one shard at a time keeps mapped pages bounded
 
     # -- weight files ---------------------------------------------------------------------------
     def _index_weights(self) -> dict[str, Path]:
@@ -95,16 +95,16 @@ class Checkpoint:
         return sorted(self._locations, key=lambda n: (str(self._locations[n]), n))
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, as an owned copy; reading in `tensor_names` order opens each shard once."""
         shard = self._locations[name]
-        if shard not in self._handles:
-            self._handles[shard] = (safe_open(shard, "pt") if shard.suffix == ".safetensors"
-                                    else self._load_bin(shard))
-        handle = self._handles[shard]
-        return handle.get_tensor(name) if shard.suffix == ".safetensors" else handle[name]
+        if self._open is None or self._open[0] != shard:
+            self._open = (shard, safe_open(shard, "pt") if shard.suffix == ".safetensors" else self._load_bin(shard))
+        handle = self._open[1]
+        return handle.get_tensor(name) if shard.suffix == ".safetensors" else handle[name].clone()
 
     def release(self) -> None:
-        """Drop open shard handles (and their mmaps) once a pass over the weights is done."""
-        self._handles.clear()
+        """Drop the open shard handle (and its mapping) once a pass over the weights is done."""
+        self._open = None
 
     def has(self, name: str) -> bool:
         return name in self._locations

@@ -25,8 +25,8 @@ def load_text(spec: str) -> TextData:
         raise BadInput(f"dataset {spec} does not exist (or is not a file). Pass a .txt/.raw file, a .jsonl file "
                        f"with a `text` field, or hf:NAME[:CONFIG[:SPLIT]].")
     data = path.read_bytes()
-    try:
-        raw = data.decode("utf-8")
+    try:  # universal newlines, as text-mode reading gives (WikiText-2 raw ships CRLF)
+        raw = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError:
         raise BadInput(f"dataset {path} is not UTF-8 text. Convert it to UTF-8.") from None
     if path.suffix == ".jsonl":

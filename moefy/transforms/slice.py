@@ -10,7 +10,8 @@ dense MLP exactly (the intermediate sum is just regrouped).  Two optional, data-
 * Compensated Pruning — remove the least important whole branches and rescale the B′ survivors
   by √(B/B′) (variance-preserving for independent branch outputs), or B/B′, or not at all.
 
-Neuron importance is ‖gate_i‖·‖up_i‖·‖down_:,i‖ ("magnitude") or one of the single norms; a
+Neuron importance defaults to max|down_:,i| ("down_max"): the norm product ‖gate_i‖·‖up_i‖·‖down_:,i‖
+ranks the outlier neurons that small LMs depend on near the bottom (measured, docs/SLICE.md). A
 branch's importance is the sum over its neurons.
 """
 
@@ -26,14 +27,14 @@ from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, concat_mlps
 from moefy.transforms.base import LayerPlan, Options, SourceInfo, Transform
 
-Score = Literal["magnitude", "down_norm", "gate_up_norm"]
+Score = Literal["down_max", "magnitude", "down_norm", "gate_up_norm"]
 
 
 class FadeOptions(Options):
     target_removed: float = Field(0.2, ge=0.0, lt=1.0, description="fraction of MLP neurons removed per layer")
     schedule: Literal["dyadic", "geometric", "uniform"] = Field(
         "dyadic", description="keep ratio by branch rank: dyadic ρ^level, geometric ρ^rank, uniform ρ")
-    score: Score = "magnitude"
+    score: Score = Field("down_max", description="neuron importance (docs/SLICE.md)")
     min_neurons: int = Field(1, ge=1, description="neurons every branch keeps at least")
 
 
@@ -42,7 +43,7 @@ class PruneOptions(Options):
     branches: int | None = Field(None, ge=0, description="number of branches removed (instead of fraction)")
     compensation: Literal["sqrt", "linear", "none"] = Field(
         "sqrt", description="survivor scale: sqrt(B/B'), B/B', or 1")
-    score: Score = "magnitude"
+    score: Score = Field("down_max", description="branch importance = sum of neuron scores")
 
     @model_validator(mode="after")
     def _one_amount(self):
@@ -60,6 +61,8 @@ class SliceOptions(Options):
 
 
 def neuron_scores(mlp: DenseMLP, score: str) -> torch.Tensor:
+    if score == "down_max":
+        return mlp.down.float().abs().amax(dim=0)
     down = mlp.down.float().norm(dim=0)
     up = mlp.up.float().norm(dim=1)
     gate = mlp.gate.float().norm(dim=1) if mlp.gate is not None else torch.ones_like(up)

