@@ -80,6 +80,8 @@ def convert(
     from moefy.convert import check_gates
     from moefy.recipe import load_recipe
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise BadInput(f"--device {device!r} is unknown; use auto, cpu or cuda.")
     if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         raise BadInput(f"--dtype {dtype!r} is unknown; use auto, float32, bfloat16 or float16.")
     if calib is not None:
@@ -166,12 +168,8 @@ def inspect(model: str = typer.Argument(..., help="Model directory (or `demo`)."
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
         return
     table = Table(title=str(model), show_header=False)
-    for key, value in report.items():
-        if key == "moefy":
-            if value:
-                table.add_row("recipe", value["recipe"]["name"])
-                table.add_row("format reason", value["format"]["reason"])
-            continue
+    provenance = report.pop("provenance") or {}
+    for key, value in [*report.items(), *provenance.items()]:
         table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else
                       f"{value:.4f}" if isinstance(value, float) else str(value))
     out.print(table)

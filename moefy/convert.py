@@ -8,6 +8,7 @@ one output shard, whatever the model's size.  Output goes to a temp dir renamed 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -62,15 +63,9 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
     if dry_run:
         return {"dry_run": True, "format": choice.format.name, "format_reason": choice.reason, "plan": vars(plan)}
     check_output_path(out, force, sources=[ckpt.path])
-    torch.manual_seed(seed)
+    shard_bytes = parse_size(recipe.output.shard_size)
     with atomic_output(out) as tmp:
-        blocks, layer_stats = _write_weights(ckpt, info, transforms, choice.format, tmp,
-                                             TORCH_DTYPES[out_dtype], parse_size(recipe.output.shard_size))
-        config = choice.format.config(info, blocks, out_dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for side in ckpt.side_files:
-            shutil.copyfile(side, tmp / side.name)
-        choice.format.write_files(tmp)
+        layer_stats = _write_model(ckpt, info, transforms, choice.format, tmp, out_dtype, shard_bytes, seed)
         record = {
             "moefy_version": moefy.__version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -84,16 +79,54 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
             "layers": layer_stats,
             "convert_seconds": round(time.perf_counter() - started, 3),
         }
-        record["summary"] = {k: v for k, v in summarize(tmp).items() if k != "moefy"}
+        if not choice.exact:
+            record["format"]["gap"] = _measure_gap(ckpt, info, transforms, tmp, shard_bytes, seed)
+            log(f"inexact {choice.format.name} export: max |Δlogit| vs the exact native model "
+                f"{record['format']['gap']['max_abs_logit_diff']:.4g} on random prompts")
+        record["summary"] = {k: v for k, v in summarize(tmp).items() if k != "provenance"}
         write_record(tmp, record)
     log(f"wrote {out} in {record['convert_seconds']:.1f}s")
     return record
 
 
+def _write_model(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, directory: Path, dtype: str,
+                 shard_bytes: int, seed: int) -> dict[str, dict]:
+    """Weights, config, side files and format files of one output; returns per-layer stats."""
+    torch.manual_seed(seed)
+    blocks, layer_stats = _write_weights(ckpt, info, transforms, fmt, directory, TORCH_DTYPES[dtype], shard_bytes)
+    config = fmt.config(info, blocks, dtype)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for side in ckpt.side_files:
+        shutil.copyfile(side, directory / side.name)
+    fmt.write_files(directory)
+    return layer_stats
+
+
+def _measure_gap(ckpt: Checkpoint, info: SourceInfo, transforms, out_dir: Path, shard_bytes: int,
+                 seed: int) -> dict:
+    """Logit gap of an inexact export vs the same pipeline written exactly (native), fp32, random prompts."""
+    import tempfile
+
+    from moefy.loading import load_model
+
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".moefy-gap-") as exact_dir:
+        _write_model(ckpt, info, transforms, FORMATS["native"], Path(exact_dir), "float32", shard_bytes, seed)
+        ids = torch.randint(0, int(info.config["vocab_size"]), (4, 64), generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            exact = load_model(exact_dir)(input_ids=ids).logits.float()
+            written = load_model(out_dir)(input_ids=ids).logits.float()
+    diff = (written - exact).abs()
+    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+            "prompts": "4 random × 64 tokens", "reference": "same pipeline, native format, float32"}
+
+
 def write_record(directory: Path, record: dict) -> None:
-    """moefy.json and the model card, both regenerated from the record."""
-    (Path(directory) / "moefy.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    (Path(directory) / "README.md").write_text(model_card(record))
+    """moefy.json and the model card, both regenerated from the record (each replaced atomically)."""
+    for name, text in (("moefy.json", json.dumps(record, indent=2, sort_keys=True) + "\n"),
+                       ("README.md", model_card(record))):
+        partial = Path(directory) / f".{name}.partial"
+        partial.write_text(text)
+        os.replace(partial, Path(directory) / name)
 
 
 def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Path, dtype: torch.dtype,

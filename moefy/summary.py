@@ -75,6 +75,16 @@ def summarize(path: Path) -> dict:
         "params_active_per_token": params_total - inactive,
         "mlp_params_total": mlp_total,
         "mlp_active_fraction": mlp_active / mlp_total if mlp_total else 1.0,
-        "moefy": json.loads((Path(path) / "moefy.json").read_text()) if (Path(path) / "moefy.json").is_file()
-        else None,
+        "provenance": _provenance(Path(path)),
     }
+
+
+def _provenance(path: Path) -> dict | None:
+    """The headline of moefy.json: which recipe, from what, and why this format."""
+    record_path = path / "moefy.json"
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    return {"recipe": record["recipe"]["name"], "source": record["source"]["origin"],
+            "format_reason": record["format"]["reason"], "exact_format": record["format"]["exact"],
+            "moefy_version": record["moefy_version"]}

@@ -184,7 +184,15 @@ class StandardMoeFormat(ExportFormat):
         return None
 
     def _extra_config(self, source: SourceInfo, blocks: dict[int, dict]) -> dict:
-        return {}
+        """Fields beyond the MoE sizes: dense (MLP-only) layers and sliding-window layout where supported."""
+        if not self.can_skip_layers:
+            return {}
+        dense = [i for i in range(source.adapter.num_layers(source.config)) if i not in blocks]
+        extra = {"intermediate_size": source.mlp_width, "mlp_only_layers": dense, "decoder_sparse_step": 1}
+        for key in ("use_sliding_window", "max_window_layers"):
+            if key in source.config:
+                extra[key] = source.config[key]
+        return extra
 
     def block_specs(self, config: dict) -> dict[int, dict]:
         return standard_block_specs(self, config)

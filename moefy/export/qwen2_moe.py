@@ -33,11 +33,5 @@ class Qwen2MoeFormat(StandardMoeFormat):
         return {f"{prefix}.{p}.bias": torch.zeros(n) for p, n in sizes.items() if not has(f"{prefix}.{p}.bias")}
 
     def _extra_config(self, source, blocks):
-        first = next(iter(blocks.values()))
-        dense = [i for i in range(source.adapter.num_layers(source.config)) if i not in blocks]
-        extra = {"qkv_bias": True, "shared_expert_intermediate_size": first["shared_width"],
-                 "intermediate_size": source.mlp_width, "mlp_only_layers": dense, "decoder_sparse_step": 1}
-        for key in ("use_sliding_window", "max_window_layers"):
-            if key in source.config:
-                extra[key] = source.config[key]
-        return extra
+        shared = next(iter(blocks.values()))["shared_width"]
+        return {**super()._extra_config(source, blocks), "qkv_bias": True, "shared_expert_intermediate_size": shared}

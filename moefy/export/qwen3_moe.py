@@ -18,10 +18,5 @@ class Qwen3MoeFormat(StandardMoeFormat):
         return None  # Qwen3MoE keeps Qwen3's attention (biases flag, q/k norms) as is
 
     def _extra_config(self, source, blocks):
-        dense = [i for i in range(source.adapter.num_layers(source.config)) if i not in blocks]
-        extra = {"intermediate_size": source.mlp_width, "mlp_only_layers": dense, "decoder_sparse_step": 1,
-                 "attention_bias": bool(source.config.get("attention_bias", False))}
-        for key in ("use_sliding_window", "max_window_layers"):
-            if key in source.config:
-                extra[key] = source.config[key]
-        return extra
+        return {**super()._extra_config(source, blocks),
+                "attention_bias": bool(source.config.get("attention_bias", False))}

@@ -1,0 +1,86 @@
+"""A routed transform registered as a plugin: inexact formats need --allow-inexact and record a measured gap."""
+
+import pytest
+import torch
+
+import moefy
+from moefy.moe.layer import MoeLayer
+from moefy.transforms import TRANSFORMS
+from moefy.transforms.base import LayerPlan, Options, Transform
+from tests.conftest import logits, random_ids, read_json, run_cli
+
+
+class ToyRouteOptions(Options):
+    experts: int = 4
+    top_k: int = 2
+    combine: str = "unit"
+
+
+class ToyRoute(Transform):
+    """Equal slices + a seeded random router: the smallest routed MoE, for exercising the pipeline."""
+
+    name = "toy_route"
+    Options = ToyRouteOptions
+    summary = "test only"
+
+    def plan(self, previous, source):
+        o = self.options
+        return LayerPlan(num_experts=o.experts, expert_width=source.mlp_width // o.experts, scoring="softmax",
+                         top_k=o.top_k, combine=o.combine)
+
+    def apply(self, layer, mlp):
+        o = self.options
+        router = torch.randn(o.experts, mlp.up.shape[1], generator=torch.Generator().manual_seed(self.seed + layer))
+        return MoeLayer(mlp=mlp, widths=[mlp.width // o.experts] * o.experts, scoring="softmax", top_k=o.top_k,
+                        combine=o.combine, router=router)
+
+
+@pytest.fixture
+def toy_recipe(tmp_path, monkeypatch):
+    monkeypatch.setitem(TRANSFORMS, ToyRoute.name, ToyRoute)
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text("transforms: [{toy_route: {experts: 4, top_k: 2, combine: unit}}]\n")
+    return recipe
+
+
+def test_inexact_format_is_refused_without_flag(tiny, tmp_path, toy_recipe):
+    code, _, err = run_cli("convert", tiny("llama"), "-r", toy_recipe, "-o", tmp_path / "out", "--format", "mixtral")
+    assert code == 2 and "would change the model's function" in err and "--allow-inexact" in err
+
+
+def test_auto_picks_native_for_unit_weights_and_backends_agree(tiny, tmp_path, toy_recipe):
+    out = tmp_path / "out"
+    assert run_cli("convert", tiny("llama"), "-r", toy_recipe, "-o", out)[0] == 0
+    assert read_json(out / "config.json")["model_type"] == "moefy"
+    ids = random_ids()
+    fast = logits(moefy.load(out, backend="torch"), ids)
+    torch.testing.assert_close(fast, logits(moefy.load(out, backend="reference"), ids), atol=1e-5, rtol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(remote, ids), fast, atol=1e-5, rtol=1e-5)
+
+
+def test_allowed_inexact_export_records_the_measured_gap(tiny, tmp_path, toy_recipe):
+    out, exact = tmp_path / "out", tmp_path / "exact"
+    src = tiny("llama")
+    code, _, err = run_cli("convert", src, "-r", toy_recipe, "-o", out, "--format", "mixtral", "--allow-inexact")
+    assert code == 0, err
+    fmt = read_json(out / "moefy.json")["format"]
+    assert fmt["exact"] is False and "unit weights" in fmt["reason"]
+    assert run_cli("convert", src, "-r", toy_recipe, "-o", exact, "--format", "native")[0] == 0
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    measured = (logits(moefy.load(out), ids) - logits(moefy.load(exact), ids)).abs().max().item()
+    assert fmt["gap"]["max_abs_logit_diff"] == pytest.approx(measured, rel=1e-4)
+    assert measured > 1e-4  # unit weights vs renormalised probabilities really differ
+
+
+def test_prob_combine_is_exact_in_qwen2_moe(tiny, tmp_path, toy_recipe):
+    out, exact = tmp_path / "out", tmp_path / "exact"
+    src = tiny("llama")
+    args = ["--set", "transforms.0.toy_route.combine=prob"]
+    assert run_cli("convert", src, "-r", toy_recipe, "-o", out, "--format", "qwen2_moe", *args)[0] == 0
+    assert read_json(out / "config.json")["norm_topk_prob"] is False
+    assert run_cli("convert", src, "-r", toy_recipe, "-o", exact, "--format", "native", *args)[0] == 0
+    ids = random_ids()
+    torch.testing.assert_close(logits(moefy.load(out), ids), logits(moefy.load(exact), ids), atol=1e-5, rtol=1e-5)
