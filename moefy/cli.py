@@ -160,10 +160,10 @@ def print_eval(report: dict) -> None:
 def inspect(model: str = typer.Argument(..., help="Model directory (or `demo`)."),
             as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of a table.")):
     """Describe a checkpoint: format, experts, routing, parameter counts."""
-    from moefy.loading import resolve_model
+    from moefy.io.checkpoint import open_source
     from moefy.summary import summarize
 
-    report = summarize(resolve_model(model).path)
+    report = summarize(open_source(model).path)
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
         return

@@ -140,7 +140,8 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
     missing = [n for n in role_of if not ckpt.has(n)]
     if missing:
         raise BadInput(f"{ckpt.path} lacks MLP weight {missing[0]!r} (and {len(missing) - 1} more) that a "
-                       f"{adapter.model_type} model must have. The checkpoint is incomplete or not {adapter.model_type}.")
+                       f"{adapter.model_type} model must have. The checkpoint is incomplete or not "
+                       f"{adapter.model_type}.")
     writer = ShardedWriter(tmp, shard_bytes)
     pending: dict[int, dict[str, torch.Tensor]] = {}
     blocks, stats = {}, {}

@@ -9,7 +9,8 @@ import torch
 
 from moefy.errors import BadInput
 from moefy.io.data import TextData, load_text
-from moefy.loading import load_model, load_tokenizer, resolve_model
+from moefy.io.checkpoint import open_source
+from moefy.loading import load_model, load_tokenizer
 from moefy.progress import log, progress
 from moefy.summary import summarize
 
@@ -52,7 +53,7 @@ def evaluate(model_spec: str, *, baseline: str | None, dataset: str, seq_len: in
     data = load_text(dataset)
     report = {"model": str(model_spec), "baseline": baseline, "dataset": data.name, "dataset_sha256": data.sha256,
               "seq_len": seq_len, "backend": backend}
-    model_dir = resolve_model(model_spec).path
+    model_dir = open_source(str(model_spec)).path
     windows = token_windows(load_tokenizer(model_spec), data, seq_len, max_windows)
     log(f"evaluating {model_spec} on {windows.shape[0]} windows × {seq_len} tokens")
     result = perplexity(load_model(model_spec, backend=backend), windows, batch_size, label="model")

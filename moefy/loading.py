@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 
 from moefy.errors import BadInput
-from moefy.io.checkpoint import Checkpoint, open_source
+from moefy.io.checkpoint import open_source
 from moefy.moe.modeling_moefy import MoefyConfig, MoefyForCausalLM
 
 _registered = False
@@ -24,17 +23,13 @@ def _register_native() -> None:
         _registered = True
 
 
-def resolve_model(spec: str | Path) -> Checkpoint:
-    return open_source(str(spec))
-
-
 def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
     """`spec` is anything `convert` accepts as SOURCE, or a moefy output directory."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # moefy prints its own progress
-    ckpt = resolve_model(spec)
+    ckpt = open_source(str(spec))
     dtype = dtype or torch.float32
     kwargs = {"dtype": dtype}
     if ckpt.config.get("model_type") == MoefyConfig.model_type:
@@ -57,7 +52,7 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
 def load_tokenizer(spec):
     from transformers import AutoTokenizer
 
-    ckpt = resolve_model(spec)
+    ckpt = open_source(str(spec))
     try:
         return AutoTokenizer.from_pretrained(ckpt.path)
     except (OSError, ValueError) as exc:

@@ -134,3 +134,21 @@ def test_eval_unknown_backend(tiny, text_file):
 
 def test_bad_dtype(tiny, tmp_path):
     _expect_bad(["convert", tiny("llama"), "-r", "mlpmoe", "-o", tmp_path / "out", "--dtype", "int3"], "--dtype")
+
+
+def test_checkpoint_missing_an_mlp_weight(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny("llama")
+    weights = load_file(src / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", tmp_path / "out"], "model.layers.1.mlp.down_proj.weight",
+                "incomplete")
+
+
+def test_recipes_lists_builtins_transforms_and_formats():
+    code, stdout, _ = run_cli("recipes")
+    assert code == 0
+    for needle in ("mlpmoe-fade", "mlpmoe-compensated", "fade.schedule", "prune.compensation", "qwen2_moe"):
+        assert needle in stdout

@@ -9,7 +9,7 @@ import torch
 
 from moefy.export.base import ExportFormat, dense_tensors
 from moefy.moe import modeling_moefy
-from moefy.moe.layer import DenseMLP, MoeLayer
+from moefy.moe.layer import DenseMLP
 
 MODELING_FILE = Path(modeling_moefy.__file__)
 

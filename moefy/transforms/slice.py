@@ -73,6 +73,11 @@ def neuron_scores(mlp: DenseMLP, score: str) -> torch.Tensor:
     return gate * up * down
 
 
+def rank_branches(scores: torch.Tensor, branches: list[torch.Tensor]) -> list[int]:
+    """Branch indices, most important (largest summed neuron score) first."""
+    return sorted(range(len(branches)), key=lambda b: -float(scores[branches[b]].sum()))
+
+
 def branch_widths(width: int, branches: int) -> list[int]:
     base, extra = divmod(width, branches)
     return [base + (1 if b < extra else 0) for b in range(branches)]
@@ -150,16 +155,15 @@ class Slice(Transform):
         fade = self.options.fade
         if fade is not None and fade.target_removed > 0:
             scores = neuron_scores(mlp, fade.score)
-            order = sorted(range(len(branches)), key=lambda b: -float(scores[branches[b]].sum()))
+            order = rank_branches(scores, branches)
             keep = fade_keep_counts(widths, order, fade.target_removed, fade.schedule, fade.min_neurons)
             branches = [idx[torch.sort(torch.topk(scores[idx], k).indices).values] for idx, k in zip(branches, keep)]
             stats["fade_keep"] = keep
         scales = torch.ones(len(branches))
         prune = self.options.prune
         if prune is not None:
-            scores = neuron_scores(mlp, prune.score)
             b = len(branches)
-            order = sorted(range(b), key=lambda i: -float(scores[branches[i]].sum()))
+            order = rank_branches(neuron_scores(mlp, prune.score), branches)
             survivors = sorted(order[: b - self._branches_removed(b)])
             stats["pruned_branches"] = sorted(set(range(b)) - set(survivors))
             ratio = b / len(survivors)
