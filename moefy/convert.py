@@ -219,8 +219,6 @@ def check_gates(out: Path, source: str, recipe: Recipe, eval_dataset: str | None
 
     Returns True/False for a checked gate, None when there is no gate or no dataset to check it on.
     """
-    from moefy.evaluate import evaluate
-
     gates = recipe.gates
     if gates is None or gates.max_delta_ppl_pct is None:
         return None
@@ -231,6 +229,8 @@ def check_gates(out: Path, source: str, recipe: Recipe, eval_dataset: str | None
         record["gates"] = {"checked": False, "reason": "no evaluation dataset given"}
         write_record(out, record)
         return None
+    from moefy.evaluate import evaluate  # the model stack loads only when a gate is checked
+
     report = evaluate(str(out), baseline=source, dataset=dataset, seq_len=gates.seq_len,
                       max_windows=gates.max_windows)
     passed = report["delta_pct"] <= gates.max_delta_ppl_pct

@@ -133,3 +133,10 @@ def test_inspect_reports_contract_fields(tiny, tmp_path):
     dense_params = sum(p.numel() for p in load_dense(src).parameters())
     assert report["params_total"] == dense_params + 2 * 16 * 64  # + two zero routers
     assert report["num_experts"] == 16 and report["top_k"] == 16 and report["mlp_active_fraction"] == 1.0
+
+
+def test_native_model_type_constant_matches_the_modeling_code():
+    from moefy.export.native import MODEL_TYPE
+    from moefy.moe.modeling_moefy import MoefyConfig
+
+    assert MODEL_TYPE == MoefyConfig.model_type

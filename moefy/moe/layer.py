@@ -24,6 +24,11 @@ class DenseMLP:
     def gated(self) -> bool:
         return self.gate is not None
 
+    def span(self, start: int, stop: int) -> DenseMLP:
+        """Neurons start..stop-1 as views (no copy)."""
+        return DenseMLP(None if self.gate is None else self.gate[start:stop], self.up[start:stop],
+                        self.down[:, start:stop], self.activation)
+
     def neurons(self, index: torch.Tensor) -> DenseMLP:
         """The sub-MLP made of the given intermediate neurons, in that order."""
         return DenseMLP(None if self.gate is None else self.gate[index], self.up[index], self.down[:, index],
@@ -74,7 +79,7 @@ class MoeLayer:
 
     def expert(self, e: int) -> DenseMLP:
         start = sum(self.widths[:e])
-        return self.mlp.neurons(torch.arange(start, start + self.widths[e]))
+        return self.mlp.span(start, start + self.widths[e])
 
     def block_spec(self) -> dict:
         """The native MoeBlock's config entry (see modeling_moefy.MoefyConfig)."""

@@ -170,7 +170,9 @@ class Slice(Transform):
             factor = {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[prune.compensation]
             branches = [branches[i] for i in survivors]
             scales = torch.full((len(branches),), factor)
-        experts = concat_mlps([mlp.neurons(idx) for idx in branches])
+        kept = torch.cat(branches)
+        identity = len(kept) == mlp.width and bool((kept == torch.arange(mlp.width)).all())
+        experts = mlp if identity else concat_mlps([mlp.neurons(idx) for idx in branches])
         stats["neurons_kept"] = experts.width
         stats["neurons_removed_fraction"] = 1 - experts.width / mlp.width
         return MoeLayer(mlp=experts, widths=[len(idx) for idx in branches], scales=scales, stats=stats)
