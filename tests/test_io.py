@@ -71,3 +71,15 @@ def test_bfloat16_output(tiny, tmp_path):
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
     assert read_json(out / "config.json")["dtype"] == "bfloat16"
+
+
+def test_missing_parent_directories_are_created(tiny, tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    assert run_cli("convert", tiny("llama"), "-r", "mlpmoe", "-o", out)[0] == 0
+    assert (out / "config.json").is_file()
+
+
+def test_parent_that_is_a_file_is_bad_input(tiny, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli("convert", tiny("llama"), "-r", "mlpmoe", "-o", tmp_path / "file" / "out")
+    assert code == 2 and "cannot be created" in err

@@ -84,8 +84,11 @@ def check_output_path(out: Path, force: bool, sources: list[Path] = ()) -> None:
     if out.exists() and not force:
         raise BadInput(f"OUT {out} already exists. Pass --force to replace it, or choose another path.")
     parent = out.resolve().parent
-    if not parent.is_dir():
-        raise BadInput(f"the parent directory of OUT ({parent}) does not exist. Create it first.")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"the parent directory of OUT ({parent}) cannot be created ({exc.strerror}). Choose "
+                       f"another output path.") from None
     if not os.access(parent, os.W_OK):
         raise BadInput(f"the parent directory of OUT ({parent}) is not writable. Choose a writable location.")
 
