@@ -18,7 +18,7 @@ from moefy.errors import BadInput, CheckFailed, MoefyError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert dense Hugging Face causal LMs into Mixture-of-Experts checkpoints.")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 120)  # piped (CI logs): wide enough for the tables
 err = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
@@ -95,9 +95,11 @@ def convert(
         out.print_json(json.dumps(record))
         return
     _print_summary(record)
-    passed = check_gates(output, source, parsed, eval_dataset)
+    gate = check_gates(output, source, parsed, eval_dataset)
+    if gate is not None:
+        print_eval(gate)
     _write_json(json_path, json.loads((output / "moefy.json").read_text()))
-    if passed is False:
+    if gate is not None and not gate["gate_passed"]:
         raise CheckFailed(f"quality gate missed for {output}: see the table above and moefy.json `gates`.")
 
 
@@ -145,8 +147,9 @@ def print_eval(report: dict) -> None:
     table = Table(title=f"perplexity · {Path(report['dataset']).name} · {report['windows']}×{report['seq_len']}")
     for col in ("model", "ppl", "Δ ppl %", "tokens/s", "active params", "MLP active"):
         table.add_column(col, justify="left" if col == "model" else "right")
+    delta = report["delta_pct"]
     table.add_row(str(report["model"]), f"{report['ppl']:.4f}",
-                  "—" if report["delta_pct"] is None else f"{report['delta_pct']:+.4f}",
+                  "—" if delta is None else f"{delta:+.4f}" if abs(delta) >= 1e-3 else f"{delta:+.1e}",
                   f"{report['tokens_per_s']:.0f}", f"{report['params_active_per_token']:,}",
                   f"{report['mlp_active_fraction']:.3f}")
     if report["baseline"] is not None:

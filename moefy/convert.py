@@ -214,10 +214,11 @@ def model_card(record: dict) -> str:
     return "\n".join(lines)
 
 
-def check_gates(out: Path, source: str, recipe: Recipe, eval_dataset: str | None) -> bool | None:
+def check_gates(out: Path, source: str, recipe: Recipe, eval_dataset: str | None) -> dict | None:
     """Evaluate OUT against SOURCE when the recipe has gates; record the result in moefy.json.
 
-    Returns True/False for a checked gate, None when there is no gate or no dataset to check it on.
+    Returns the eval report with `gate_passed` for a checked gate, None when there is no gate or no
+    dataset to check it on.
     """
     gates = recipe.gates
     if gates is None or gates.max_delta_ppl_pct is None:
@@ -239,4 +240,4 @@ def check_gates(out: Path, source: str, recipe: Recipe, eval_dataset: str | None
                        "delta_pct": report["delta_pct"], "passed": passed}
     write_record(out, record)
     log(f"gate Δppl ≤ {gates.max_delta_ppl_pct}%: {report['delta_pct']:+.4f}% → {'pass' if passed else 'MISSED'}")
-    return passed
+    return {**report, "gate_passed": passed}

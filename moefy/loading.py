@@ -53,8 +53,9 @@ def load_tokenizer(spec):
     from transformers import AutoTokenizer
 
     ckpt = open_source(str(spec))
+    _register_native()  # AutoTokenizer reads config.json; the native model type must be known, not remote code
     try:
-        return AutoTokenizer.from_pretrained(ckpt.path)
+        return AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise BadInput(f"{ckpt.path} has no usable tokenizer ({exc}); copy the source's tokenizer files "
                        f"into it.") from None

@@ -48,8 +48,9 @@ def test_jsonl_dataset(tiny, tmp_path):
 def test_gate_passes_for_identity_and_is_recorded(tiny, tmp_path, text_file):
     src = tiny("llama")
     out = tmp_path / "out"
-    code, _, err = run_cli("convert", src, "-r", "mlpmoe", "-o", out, "--eval-dataset", text_file)
+    code, stdout, err = run_cli("convert", src, "-r", "mlpmoe", "-o", out, "--eval-dataset", text_file)
     assert code == 0, err
+    assert "Δ ppl" in stdout  # the measured table is shown, not only the verdict
     record = read_json(out / "moefy.json")
     assert record["gates"]["checked"] and record["gates"]["passed"]
     assert "Perplexity on" in (out / "README.md").read_text()
@@ -75,3 +76,11 @@ def test_crlf_text_reads_like_text_mode(tmp_path):
     import hashlib
 
     assert data.sha256 == hashlib.sha256(b"one\r\ntwo\rthree\n").hexdigest()
+
+
+def test_eval_of_native_output_never_asks_for_remote_code(tiny, tmp_path, text_file):
+    out = tmp_path / "native"
+    assert run_cli("convert", tiny("llama"), "-r", "mlpmoe", "-o", out, "--format", "native")[0] == 0
+    code, stdout, err = run_cli("eval", out, "--dataset", text_file, "--seq-len", "64")
+    assert code == 0, err
+    assert "custom code" not in stdout + err and "trust_remote_code" not in stdout + err
