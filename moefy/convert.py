@@ -173,7 +173,7 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
                 writer.add(out_name, out_tensor.to(dtype))
             if isinstance(block, MoeLayer):
                 blocks[layer] = block.block_spec()
-                stats[str(layer)] = {**block.block_spec(), "scales": [round(float(s), 6) for s in block.scales],
+                stats[str(layer)] = {**blocks[layer], "scales": [round(float(s), 6) for s in block.scales],
                                      **block.stats}
             advance()
     ckpt.release()

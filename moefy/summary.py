@@ -9,11 +9,10 @@ from pathlib import Path
 from moefy.arch import ADAPTERS
 from moefy.errors import BadInput
 from moefy.export import FORMATS
-from moefy.export.native import MODEL_TYPE as NATIVE_MODEL_TYPE
 from moefy.io.checkpoint import Checkpoint
 from moefy.io.safetensors_header import read_header
 
-FORMAT_OF_MODEL_TYPE = {NATIVE_MODEL_TYPE: "native", "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
+FORMAT_OF_MODEL_TYPE = {fmt.model_type: name for name, fmt in FORMATS.items()}
 
 
 def _mlp_params(hidden: int, width: int, gated: bool) -> int:

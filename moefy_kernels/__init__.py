@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from moefy_kernels.reference import moe_forward_reference
-from moefy_kernels.routing import ACTIVATIONS, COMBINES, SCORINGS, route
+from moefy_kernels.routing import route
 from moefy_kernels.torch_ops import moe_forward_torch
 
 BACKENDS = {"reference": moe_forward_reference, "torch": moe_forward_torch}
 
-__all__ = ["moe_forward", "route", "BACKENDS", "ACTIVATIONS", "COMBINES", "SCORINGS", "resolve_backend"]
+__all__ = ["moe_forward", "route", "BACKENDS", "resolve_backend"]
 
 
 def resolve_backend(backend: str) -> str:

@@ -22,7 +22,7 @@ def _same(key: str, a, b) -> bool:
     return a == b
 
 
-def _head_dim(config) -> int:
+def head_dim(config) -> int:
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     return get("head_dim", None) or get("hidden_size") // get("num_attention_heads")
 
@@ -30,6 +30,7 @@ def _head_dim(config) -> int:
 class ExportFormat:
     name: ClassVar[str]
     summary: ClassVar[str]
+    model_type: ClassVar[str]  # config.json `model_type` of checkpoints in this format
 
     def unsupported(self, source: SourceInfo, plan: LayerPlan) -> str | None:
         """Why this format cannot hold the model at all (None when it can)."""
@@ -68,7 +69,6 @@ def dense_tensors(prefix: str, mlp: DenseMLP, names: tuple[str | None, str, str]
 class StandardMoeFormat(ExportFormat):
     """A transformers MoE class with softmax top-k routing and optional sigmoid-gated shared expert."""
 
-    model_type: ClassVar[str]
     architecture: ClassVar[str]
     block_attr: ClassVar[str]  # the decoder layer's attribute holding the MoE block
     expert_names: ClassVar[tuple[str, str, str]]  # (gate, up, down) inside experts.{e}
@@ -167,8 +167,8 @@ class StandardMoeFormat(ExportFormat):
             if key in source.config and not _same(key, getattr(target, key, None), source.config[key]):
                 raise ValueError(f"{self.name} config would change {key}: {source.config[key]!r} → "
                                  f"{getattr(target, key, None)!r}")
-        if _head_dim(target) != _head_dim(source.config):
-            raise ValueError(f"{self.name} cannot express head_dim {_head_dim(source.config)}")
+        if head_dim(target) != head_dim(source.config):
+            raise ValueError(f"{self.name} cannot express head_dim {head_dim(source.config)}")
         target.architectures = [self.architecture]
         return target.to_dict()
 
@@ -195,15 +195,11 @@ class StandardMoeFormat(ExportFormat):
         return extra
 
     def block_specs(self, config: dict) -> dict[int, dict]:
-        return standard_block_specs(self, config)
-
-
-def standard_block_specs(fmt: StandardMoeFormat, config: dict) -> dict[int, dict]:
-    """Read a standard MoE config back into native-style block specs (the inverse of `config`)."""
-    num_experts = config.get(fmt.num_experts_key) or config["num_experts"]
-    dense = set(config.get("mlp_only_layers") or [])
-    spec = {"widths": [config[fmt.width_key]] * num_experts, "top_k": config["num_experts_per_tok"],
-            "scoring": "softmax", "combine": "renormalize" if config.get(fmt.renormalize_key or "", True) else "prob",
-            "activation": config.get("hidden_act", "silu"), "gated": True,
-            "shared_width": config.get("shared_expert_intermediate_size", 0) if fmt.has_shared else 0}
-    return {i: dict(spec) for i in range(config["num_hidden_layers"]) if i not in dense}
+        num_experts = config.get(self.num_experts_key) or config["num_experts"]
+        dense = set(config.get("mlp_only_layers") or [])
+        renormalize = config.get(self.renormalize_key, True) if self.renormalize_key else True
+        spec = {"widths": [config[self.width_key]] * num_experts, "top_k": config["num_experts_per_tok"],
+                "scoring": "softmax", "combine": "renormalize" if renormalize else "prob",
+                "activation": config.get("hidden_act", "silu"), "gated": True,
+                "shared_width": config.get("shared_expert_intermediate_size", 0) if self.has_shared else 0}
+        return {i: dict(spec) for i in range(config["num_hidden_layers"]) if i not in dense}

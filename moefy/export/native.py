@@ -29,10 +29,8 @@ def packed_gate_up(mlp: DenseMLP, widths: list[int]) -> torch.Tensor:
 
 class NativeFormat(ExportFormat):
     name = "native"
+    model_type = MODEL_TYPE
     summary = "moefy MoeBlock (any widths, unit/prob/renormalised, static, shared): moefy.load or trust_remote_code"
-
-    def unsupported(self, source, plan):
-        return None
 
     def layer_tensors(self, layer, block, source):
         prefix = source.adapter.mlp_prefix(layer)

@@ -1,6 +1,6 @@
 import torch
 
-from moefy.export.base import StandardMoeFormat, _head_dim
+from moefy.export.base import StandardMoeFormat, head_dim
 
 
 class Qwen2MoeFormat(StandardMoeFormat):
@@ -26,10 +26,10 @@ class Qwen2MoeFormat(StandardMoeFormat):
 
     def extra_tensors(self, layer, source, has):
         prefix = f"{source.adapter.layers_prefix}.{layer}.self_attn"
-        head_dim = _head_dim(source.config)
-        sizes = {"q_proj": source.config["num_attention_heads"] * head_dim,
-                 "k_proj": source.config["num_key_value_heads"] * head_dim,
-                 "v_proj": source.config["num_key_value_heads"] * head_dim}
+        dim = head_dim(source.config)
+        sizes = {"q_proj": source.config["num_attention_heads"] * dim,
+                 "k_proj": source.config["num_key_value_heads"] * dim,
+                 "v_proj": source.config["num_key_value_heads"] * dim}
         return {f"{prefix}.{p}.bias": torch.zeros(n) for p, n in sizes.items() if not has(f"{prefix}.{p}.bias")}
 
     def _extra_config(self, source, blocks):

@@ -8,7 +8,7 @@ transforms stream and memory stays bounded by one layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -34,11 +34,7 @@ class LayerPlan:
     top_k: int = 1
     combine: str = "unit"
     shared: bool = False
-    scaled: bool = False  # per-expert scales other than 1
     dense_layers: tuple[int, ...] = ()  # layers left as dense MLPs
-
-    def but(self, **changes) -> LayerPlan:
-        return replace(self, **changes)
 
 
 @dataclass(frozen=True)

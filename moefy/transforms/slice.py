@@ -139,12 +139,10 @@ class Slice(Transform):
             raise BadInput("slice must be the first transform of a recipe: it starts from the dense MLP.")
         b = self.options.experts
         uniform = source.mlp_width % b == 0 and (self.options.fade is None or self.options.fade.target_removed == 0)
-        scaled = False
         if self.options.prune is not None:
             b -= self._branches_removed(b)
-            scaled = self.options.prune.compensation != "none"
         return LayerPlan(num_experts=b, uniform=uniform, expert_width=source.mlp_width // self.options.experts
-                         if uniform else None, scoring="none", top_k=b, combine="unit", scaled=scaled)
+                         if uniform else None, scoring="none", top_k=b, combine="unit")
 
     def apply(self, layer: int, current: DenseMLP | MoeLayer) -> MoeLayer:
         mlp: DenseMLP = current
