@@ -116,6 +116,9 @@ def test_ragged_widths_choose_native_and_stay_exact(tiny, tmp_path):
     assert config["moe_layers"]["0"]["widths"] == [26, 26, 26, 25, 25]
     torch.testing.assert_close(logits(moefy.load(out), random_ids()), logits(load_dense(src), random_ids()),
                                atol=1e-5, rtol=0)
+    reference = moefy.load(out, backend="reference")  # Σ α_e·expert_e(x), one expert at a time
+    torch.testing.assert_close(logits(reference, random_ids()), logits(load_dense(src), random_ids()),
+                               atol=1e-5, rtol=0)
     assert "grouped_mm" in read_json(out / "moefy.json")["format"]["reason"] or "equal width" in \
         read_json(out / "moefy.json")["format"]["reason"]
 

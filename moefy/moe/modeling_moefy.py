@@ -96,6 +96,14 @@ class PackedExperts(nn.Module):
             h = h * column_scale
         return F.linear(h, self.down_proj)
 
+    def each_expert(self):
+        """Yield (w13_e [2·I_e, H], w2_e [H, I_e]) views, expert by expert."""
+        rows = cols = 0
+        factor = 2 if self.gated else 1
+        for w in self.widths:
+            yield self.gate_up_proj[rows:rows + factor * w], self.down_proj[:, cols:cols + w]
+            rows, cols = rows + factor * w, cols + w
+
     def _gate_up_index(self, device):
         gate, up, offset = [], [], 0
         for w in self.widths:
@@ -110,7 +118,6 @@ class MoeBlock(nn.Module):
 
     def __init__(self, hidden: int, spec: dict, dtype=None):
         super().__init__()
-        self.spec = spec
         self.scoring = spec["scoring"]
         self.top_k = spec["top_k"]
         self.combine = spec["combine"]
@@ -128,7 +135,9 @@ class MoeBlock(nn.Module):
         act = _ACTIVATIONS[self.activation]
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        if self.router is None:
+        if self.router is None and self.backend == "reference":
+            y = self._static_reference(x, act)
+        elif self.router is None:
             column_scale = torch.repeat_interleave(
                 self.expert_scales, torch.tensor(self.experts.widths, device=x.device))
             y = self.experts.dense_forward(x, act, column_scale)
@@ -137,6 +146,18 @@ class MoeBlock(nn.Module):
         else:
             y = self._routed(x)
         return y.reshape(shape)
+
+    def _static_reference(self, x: torch.Tensor, act) -> torch.Tensor:
+        """The static MoE by its definition: Σ_e α_e · expert_e(x) (+ shared), one expert at a time."""
+        parts = [(scale, w13, w2) for scale, (w13, w2) in zip(self.expert_scales, self.experts.each_expert())]
+        if self.shared is not None:
+            parts.append((1.0, self.shared.gate_up_proj, self.shared.down_proj))
+        y = torch.zeros_like(x)
+        for scale, w13, w2 in parts:
+            z = F.linear(x, w13)
+            h = act(z[..., : w2.shape[1]]) * z[..., w2.shape[1]:] if self.gated else act(z)
+            y = y + scale * F.linear(h, w2)
+        return y
 
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)
