@@ -180,6 +180,37 @@ def inspect(model: str = typer.Argument(..., help="Model directory (or `demo`)."
 
 @app.command()
 @_handled
+def validate(
+    model: str = typer.Argument(..., help="A moefy output directory."),
+    source: Optional[str] = typer.Option(None, "--source", help="Also report the logit gap to this dense model."),
+    backend: str = typer.Option("auto", "--backend", help="auto|torch|reference: the moefy backend under test."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report (DESIGN.md fields)."),
+):
+    """Check every MoE block and the whole model against the plain reference; exit 1 on mismatch."""
+    from moefy.validate import validate as run_validate
+
+    report = run_validate(model, source=source, backend=backend)
+    table = Table(title=f"validate {model} · backend {report['backend']} · {report['tokens']} tokens")
+    for col in ("check", "max |Δ|", "max rel", "ok"):
+        table.add_column(col, justify="left" if col == "check" else "right")
+    for impl in sorted({r["implementation"] for r in report["blocks"]}):
+        rows = [r for r in report["blocks"] if r["implementation"] == impl]
+        table.add_row(f"{len(rows)} blocks · {impl}", f"{max(r['max_abs_diff'] for r in rows):.2e}",
+                      f"{max(r['max_rel_diff'] for r in rows):.2e}", "✓" if all(r["passed"] for r in rows) else "✗")
+    e2e = report["end_to_end"]
+    table.add_row("end to end (logits)", f"{e2e['max_abs_logit_diff']:.2e}", f"{e2e['max_rel_logit_diff']:.2e}",
+                  "✓" if e2e["max_abs_logit_diff"] <= report["tolerance"]["logit_atol"] else "✗")
+    if report["source"]:
+        table.add_row(f"vs source {source} (info)", f"{report['source']['max_abs_logit_diff']:.2e}", "", "")
+    out.print(table)
+    _write_json(json_path, report)
+    if not report["passed"]:
+        raise CheckFailed(f"{model} does not match the reference within tolerance {report['tolerance']}; "
+                          f"see the table above.")
+
+
+@app.command()
+@_handled
 def recipes():
     """List built-in recipes, transforms with their options, and export formats."""
     import yaml

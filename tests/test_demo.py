@@ -49,3 +49,12 @@ def test_demo_identity_perplexity_delta(demo_mlpmoe, tmp_path):
     result = read_json(report)
     assert abs(result["delta_pct"]) < 1e-3
     assert 10 < result["baseline_ppl"] < 60  # a working SmolLM2, not noise
+
+
+def test_demo_identity_validates_against_the_reference(demo_mlpmoe, tmp_path):
+    report = tmp_path / "validate.json"
+    code, stdout, err = run_cli("validate", demo_mlpmoe, "--source", "demo", "--json", report)
+    assert code == 0, stdout + err
+    result = read_json(report)
+    assert result["passed"] and result["max_rel_diff"] < 1e-5
+    assert result["source"]["max_abs_logit_diff"] < 1e-3

@@ -84,3 +84,42 @@ def test_prob_combine_is_exact_in_qwen2_moe(tiny, tmp_path, toy_recipe):
     assert run_cli("convert", src, "-r", toy_recipe, "-o", exact, "--format", "native", *args)[0] == 0
     ids = random_ids()
     torch.testing.assert_close(logits(moefy.load(out), ids), logits(moefy.load(exact), ids), atol=1e-5, rtol=1e-5)
+
+
+VALIDATE_KEYS = ("backend", "max_abs_diff", "max_rel_diff", "tokens", "passed")
+
+
+@pytest.mark.parametrize("fmt", ["native", "qwen2_moe"])
+def test_validate_passes_on_routed_exports(tiny, tmp_path, toy_recipe, fmt):
+    out = tmp_path / "out"
+    extra = ["--set", "transforms.0.toy_route.combine=prob"] if fmt == "qwen2_moe" else []
+    assert run_cli("convert", tiny("llama"), "-r", toy_recipe, "-o", out, "--format", fmt, *extra)[0] == 0
+    report_path = tmp_path / "v.json"
+    code, stdout, err = run_cli("validate", out, "--json", report_path)
+    assert code == 0, stdout + err
+    report = read_json(report_path)
+    assert all(k in report for k in VALIDATE_KEYS) and report["passed"] and report["max_abs_diff"] < 1e-5
+    implementations = {r["implementation"] for r in report["blocks"]}
+    assert implementations == ({"moefy:torch"} if fmt == "native" else {"moefy:torch", "transformers"})
+
+
+def test_validate_catches_a_wrong_backend(tiny, tmp_path, toy_recipe, monkeypatch):
+    import moefy_kernels
+
+    out = tmp_path / "out"
+    assert run_cli("convert", tiny("llama"), "-r", toy_recipe, "-o", out)[0] == 0
+    real = moefy_kernels.BACKENDS["torch"]
+    monkeypatch.setitem(moefy_kernels.BACKENDS, "torch", lambda *a, **k: real(*a, **k) * 1.01)
+    code, stdout, err = run_cli("validate", out)
+    assert code == 1 and "does not match the reference" in err
+
+
+def test_validate_static_exports_and_dense_input(tiny, tmp_path):
+    src = tiny("llama")
+    for fmt in ("native", "mixtral"):
+        out = tmp_path / fmt
+        assert run_cli("convert", src, "-r", "mlpmoe-compensated", "-o", out, "--format", fmt)[0] == 0
+        code, stdout, err = run_cli("validate", out, "--source", src)
+        assert code == 0, stdout + err
+    code, _, err = run_cli("validate", src)
+    assert code == 2 and "no MoE blocks" in err

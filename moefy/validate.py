@@ -1,0 +1,132 @@
+"""`moefy validate`: every MoE block of a converted model, and the whole model, against the plain reference.
+
+Block by block: the inputs each MoE block sees on random prompts are captured, then the block is run
+by the implementation under test (native: the chosen moefy backend; standard formats: transformers'
+own block, and the chosen moefy backend on its weights) and by `moefy_kernels`' reference loop.
+End to end: the model's logits against the same model with every MoE block swapped for the reference.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from moefy.arch.base import ACTIVATION_NAMES
+from moefy.errors import BadInput
+from moefy.loading import load_model
+from moefy.moe.modeling_moefy import MoeBlock
+from moefy_kernels import moe_forward, resolve_backend
+
+BLOCK_ATOL, BLOCK_RTOL = 1e-4, 1e-4  # fp32, one block
+LOGIT_ATOL = 1e-3  # fp32 noise accumulates over depth (see docs/BENCHMARKS.md)
+STANDARD_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
+
+
+def _standard_forward(block, activation: str, backend: str):
+    """A transformers MoE block computed by moefy_kernels from its own weights."""
+    combine = "renormalize" if getattr(block.gate, "norm_topk_prob", True) else "prob"
+
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.reshape(-1, hidden.shape[-1])
+        y = moe_forward(x, F.linear(x, block.gate.weight), block.experts.gate_up_proj, block.experts.down_proj,
+                        block.gate.top_k, combine=combine, activation=activation, backend=backend)
+        if getattr(block, "shared_expert", None) is not None:
+            y = y + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        return y.reshape(hidden.shape)
+
+    return run
+
+
+def _blocks(model, backend: str) -> list[tuple[str, torch.nn.Module, dict]]:
+    """(name, module, {implementation: fn}) with a "reference" entry for every MoE block."""
+    activation = ACTIVATION_NAMES.get(getattr(model.config, "hidden_act", "silu"), "silu")
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoeBlock):
+            def run(x, module=module, chosen=backend):
+                with _backend(module, chosen):  # the class forward: module.forward may be swapped below
+                    return MoeBlock.forward(module, x)
+            found.append((name, module, {f"moefy:{backend}": run,
+                                         "reference": lambda x, run=run: run(x, chosen="reference")}))
+        elif type(module).__name__ in STANDARD_BLOCKS:
+            found.append((name, module, {"transformers": module.forward,
+                                         f"moefy:{backend}": _standard_forward(module, activation, backend),
+                                         "reference": _standard_forward(module, activation, "reference")}))
+    return found
+
+
+@contextmanager
+def _backend(block: MoeBlock, backend: str):
+    before, block.backend = block.backend, backend
+    try:
+        yield
+    finally:
+        block.backend = before
+
+
+@contextmanager
+def _reference_everywhere(blocks):
+    """Swap every MoE block's forward for its reference implementation."""
+    saved = []
+    for _, module, fns in blocks:
+        saved.append((module, module.forward))
+        module.forward = fns["reference"]
+    try:
+        yield
+    finally:
+        for module, forward in saved:
+            module.forward = forward
+
+
+def _diff(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max |Δ|, max |Δ| relative to the output's scale max |ref|): element-wise ratios explode near 0."""
+    max_abs = float((got.float() - ref.float()).abs().max())
+    return max_abs, max_abs / max(float(ref.float().abs().max()), 1e-12)
+
+
+@torch.inference_mode()
+def validate(model_spec: str, *, source: str | None = None, backend: str = "auto", batch: int = 2,
+             seq_len: int = 32, seed: int = 0) -> dict:
+    try:
+        backend = resolve_backend(backend)
+    except ValueError as exc:
+        raise BadInput(f"--backend: {exc}") from None
+    model = load_model(model_spec)
+    blocks = _blocks(model, backend)
+    if not blocks:
+        raise BadInput(f"{model_spec} has no MoE blocks to validate (a dense model?). Pass a moefy output.")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+             for name, module, _ in blocks]
+    logits = model(input_ids=ids).logits
+    for hook in hooks:
+        hook.remove()
+    rows, passed = [], True
+    for name, _, fns in blocks:
+        ref = fns["reference"](inputs[name])
+        for implementation, fn in fns.items():
+            if implementation == "reference":
+                continue
+            out = fn(inputs[name])
+            max_abs, max_rel = _diff(out, ref)
+            ok = bool(((out.float() - ref.float()).abs() <= BLOCK_ATOL + BLOCK_RTOL * ref.float().abs()).all())
+            passed &= ok
+            rows.append({"block": name, "implementation": implementation, "max_abs_diff": max_abs,
+                         "max_rel_diff": max_rel, "passed": ok})
+    with _reference_everywhere(blocks):
+        reference_logits = model(input_ids=ids).logits
+    e2e_abs, e2e_rel = _diff(logits, reference_logits)
+    passed &= e2e_abs <= LOGIT_ATOL
+    report = {"backend": backend, "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+              "max_rel_diff": max(r["max_rel_diff"] for r in rows), "tokens": int(ids.numel()), "passed": passed,
+              "tolerance": {"block_atol": BLOCK_ATOL, "block_rtol": BLOCK_RTOL, "logit_atol": LOGIT_ATOL},
+              "end_to_end": {"max_abs_logit_diff": e2e_abs, "max_rel_logit_diff": e2e_rel}, "blocks": rows,
+              "source": None}
+    if source is not None:
+        source_logits = load_model(source)(input_ids=ids).logits
+        report["source"] = {"model": source, "max_abs_logit_diff": _diff(logits, source_logits)[0],
+                            "note": "informational: transforms other than identities change the function"}
+    return report
