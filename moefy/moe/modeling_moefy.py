@@ -33,6 +33,13 @@ _ACTIVATIONS = {
 _MOEFY_KEYS = ("base_model_type", "moe_layers", "layers_path", "mlp_attr")
 
 
+def _expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act, gated: bool) -> torch.Tensor:
+    """One expert: w2 · act(gate x) ⊙ (up x) with w13 = [gate; up], or w2 · act(w13 x) when not gated."""
+    z = F.linear(x, w13)
+    width = w2.shape[-1]
+    return F.linear(act(z[..., :width]) * z[..., width:] if gated else act(z), w2)
+
+
 class MoefyConfig(PretrainedConfig):
     """The source model's config fields, plus where the MoE blocks go and what they compute.
 
@@ -154,9 +161,7 @@ class MoeBlock(nn.Module):
             parts.append((1.0, self.shared.gate_up_proj, self.shared.down_proj))
         y = torch.zeros_like(x)
         for scale, w13, w2 in parts:
-            z = F.linear(x, w13)
-            h = act(z[..., : w2.shape[1]]) * z[..., w2.shape[1]:] if self.gated else act(z)
-            y = y + scale * F.linear(h, w2)
+            y = y + scale * _expert_mlp(x, w13, w2, act, self.gated)
         return y
 
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,9 +191,7 @@ def _dense_masked_moe(x, logits, w13, w2, top_k, *, scoring, combine, activation
     h = act(z[..., : w2.shape[-1]]) * z[..., w2.shape[-1]:] if gated else act(z)
     y = torch.einsum("tei,ehi,te->th", h, w2.float(), dense_w)
     if shared is not None:
-        zs = F.linear(x.float(), shared[0].float())
-        hs = act(zs[..., : shared[1].shape[-1]]) * zs[..., shared[1].shape[-1]:] if gated else act(zs)
-        y = y + F.linear(hs, shared[1].float())
+        y = y + _expert_mlp(x.float(), shared[0].float(), shared[1].float(), act, gated)
     return y.to(x.dtype)
 
 
