@@ -166,7 +166,7 @@ def inspect(model: str = typer.Argument(..., help="Model directory (or `demo`)."
     from moefy.io.checkpoint import open_source
     from moefy.summary import summarize
 
-    report = summarize(open_source(model).path)
+    report = summarize(open_source(model))
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
         return

@@ -53,19 +53,20 @@ def evaluate(model_spec: str, *, baseline: str | None, dataset: str, seq_len: in
     data = load_text(dataset)
     report = {"model": str(model_spec), "baseline": baseline, "dataset": data.name, "dataset_sha256": data.sha256,
               "seq_len": seq_len, "backend": backend}
-    model_dir = open_source(str(model_spec)).path
-    windows = token_windows(load_tokenizer(model_spec), data, seq_len, max_windows)
+    ckpt = open_source(model_spec)  # opened once for tokenizer, weights and parameter accounting
+    windows = token_windows(load_tokenizer(ckpt), data, seq_len, max_windows)
     log(f"evaluating {model_spec} on {windows.shape[0]} windows × {seq_len} tokens")
-    result = perplexity(load_model(model_spec, backend=backend), windows, batch_size, label="model")
-    summary = summarize(model_dir)
+    result = perplexity(load_model(ckpt, backend=backend), windows, batch_size, label="model")
+    summary = summarize(ckpt)
     report.update({"windows": windows.shape[0], "tokens": result["tokens"], "ppl": result["ppl"],
                    "tokens_per_s": result["tokens_per_s"], "params_total": summary["params_total"],
                    "params_active_per_token": summary["params_active_per_token"],
                    "mlp_active_fraction": summary["mlp_active_fraction"], "format": summary["format"],
                    "baseline_ppl": None, "delta_pct": None, "baseline_tokens_per_s": None})
     if baseline is not None:
-        base_windows = token_windows(load_tokenizer(baseline), data, seq_len, max_windows)
-        base = perplexity(load_model(baseline), base_windows, batch_size, label="baseline")
+        base_ckpt = open_source(baseline)
+        base_windows = token_windows(load_tokenizer(base_ckpt), data, seq_len, max_windows)
+        base = perplexity(load_model(base_ckpt), base_windows, batch_size, label="baseline")
         report.update({"baseline_ppl": base["ppl"], "baseline_tokens_per_s": base["tokens_per_s"],
                        "delta_pct": 100.0 * (result["ppl"] / base["ppl"] - 1.0)})
     return report

@@ -24,12 +24,12 @@ def _register_native() -> None:
 
 
 def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
-    """`spec` is anything `convert` accepts as SOURCE, or a moefy output directory."""
+    """`spec` is anything `convert` accepts as SOURCE, a moefy output directory, or an open Checkpoint."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # moefy prints its own progress
-    ckpt = open_source(str(spec))
+    ckpt = open_source(spec)
     dtype = dtype or torch.float32
     kwargs = {"dtype": dtype}
     if ckpt.config.get("model_type") == MoefyConfig.model_type:
@@ -52,7 +52,7 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
 def load_tokenizer(spec):
     from transformers import AutoTokenizer
 
-    ckpt = open_source(str(spec))
+    ckpt = open_source(spec)
     _register_native()  # AutoTokenizer reads config.json; the native model type must be known, not remote code
     try:
         return AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=False)

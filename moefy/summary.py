@@ -9,7 +9,7 @@ from pathlib import Path
 from moefy.arch import ADAPTERS
 from moefy.errors import BadInput
 from moefy.export import FORMATS
-from moefy.io.checkpoint import Checkpoint
+from moefy.io.checkpoint import Checkpoint, open_source
 from moefy.io.safetensors_header import read_header
 
 FORMAT_OF_MODEL_TYPE = {fmt.model_type: name for name, fmt in FORMATS.items()}
@@ -19,9 +19,9 @@ def _mlp_params(hidden: int, width: int, gated: bool) -> int:
     return (3 if gated else 2) * hidden * width
 
 
-def summarize(path: Path) -> dict:
+def summarize(source: Path | Checkpoint) -> dict:
     """The `moefy inspect --json` report (DESIGN.md) for a dense or MoE checkpoint directory."""
-    ckpt = Checkpoint(Path(path))
+    ckpt = open_source(source)
     config = ckpt.config
     model_type = config.get("model_type")
     params_total = 0
@@ -40,7 +40,7 @@ def summarize(path: Path) -> dict:
         fmt, specs, architecture = "dense", {}, model_type
         dense_width = ADAPTERS[model_type].mlp_width(config)
     else:
-        raise BadInput(f"{path}: model_type {model_type!r} is neither a supported dense family "
+        raise BadInput(f"{ckpt.path}: model_type {model_type!r} is neither a supported dense family "
                        f"({', '.join(sorted(ADAPTERS))}) nor a MoE format moefy writes.")
     gated = ADAPTERS[architecture].gated if architecture in ADAPTERS else True
     mlp_total = mlp_active = 0
@@ -75,7 +75,7 @@ def summarize(path: Path) -> dict:
         "params_active_per_token": params_total - inactive,
         "mlp_params_total": mlp_total,
         "mlp_active_fraction": mlp_active / mlp_total if mlp_total else 1.0,
-        "provenance": _provenance(Path(path)),
+        "provenance": _provenance(ckpt.path),
     }
 
 

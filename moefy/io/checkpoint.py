@@ -129,8 +129,11 @@ class Checkpoint:
                       and not p.name.endswith((".safetensors", ".bin", ".gguf", ".py", ".pt", ".pth")))
 
 
-def open_source(source: str) -> Checkpoint:
-    """Resolve SOURCE (directory, .gguf file, hub id or `demo`) to a local Checkpoint."""
+def open_source(source: str | Path | Checkpoint) -> Checkpoint:
+    """Resolve SOURCE (directory, .gguf file, hub id or `demo`) to a local Checkpoint; one already open is kept."""
+    if isinstance(source, Checkpoint):
+        return source
+    source = str(source)
     if source == "demo":
         return Checkpoint(_materialize_demo(), origin="demo")
     path = Path(source).expanduser()
