@@ -119,11 +119,13 @@ def validate(model_spec: str, *, source: str | None = None, backend: str = "auto
     with _reference_everywhere(blocks):
         reference_logits = model(input_ids=ids).logits
     e2e_abs, e2e_rel = _diff(logits, reference_logits)
-    passed &= e2e_abs <= LOGIT_ATOL
+    e2e_ok = e2e_abs <= LOGIT_ATOL
+    passed &= e2e_ok
     report = {"backend": backend, "max_abs_diff": max(r["max_abs_diff"] for r in rows),
               "max_rel_diff": max(r["max_rel_diff"] for r in rows), "tokens": int(ids.numel()), "passed": passed,
               "tolerance": {"block_atol": BLOCK_ATOL, "block_rtol": BLOCK_RTOL, "logit_atol": LOGIT_ATOL},
-              "end_to_end": {"max_abs_logit_diff": e2e_abs, "max_rel_logit_diff": e2e_rel}, "blocks": rows,
+              "end_to_end": {"max_abs_logit_diff": e2e_abs, "max_rel_logit_diff": e2e_rel,
+                             "passed": e2e_ok}, "blocks": rows,
               "source": None}
     if source is not None:
         source_logits = load_model(source)(input_ids=ids).logits
