@@ -85,6 +85,14 @@ def load_dense(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def assert_matches_dense(out: Path, dense: Path, ids: torch.Tensor | None = None) -> None:
+    """moefy.load(OUT) gives the dense model's fp32 logits within 1e-5 (the exactness bar)."""
+    import moefy
+
+    ids = random_ids() if ids is None else ids
+    torch.testing.assert_close(logits(moefy.load(out), ids), logits(load_dense(dense), ids), atol=1e-5, rtol=0)
+
+
 def run_cli(*args: str):
     """Run the CLI in-process; returns (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner

@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 
 import moefy
-from tests.conftest import FAMILIES, STANDARD_FORMATS, load_dense, logits, random_ids, read_json, run_cli
+from tests.conftest import (FAMILIES, STANDARD_FORMATS, assert_matches_dense, load_dense, logits, random_ids, read_json,
+                            run_cli)
 
 CASES = [(family, fmt) for family in FAMILIES for fmt in ("auto", "native", *STANDARD_FORMATS[family])]
 AUTO_CHOICE = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
@@ -70,7 +71,7 @@ def test_llama3_rope_scaling_carried(tiny, tmp_path):
         assert run_cli("convert", src, "-r", "mlpmoe", "-o", out, "--format", fmt)[0] == 0
         assert read_json(out / "config.json")["rope_parameters"] == read_json(src / "config.json")["rope_parameters"]
         ids = random_ids(length=120)  # long enough for the scaled frequencies to matter
-        torch.testing.assert_close(logits(moefy.load(out), ids), logits(load_dense(src), ids), atol=1e-5, rtol=0)
+        assert_matches_dense(out, src, ids)
 
 
 def test_mistral_sliding_window_carried(tiny, tmp_path):
@@ -79,7 +80,7 @@ def test_mistral_sliding_window_carried(tiny, tmp_path):
     assert run_cli("convert", src, "-r", "mlpmoe", "-o", out)[0] == 0
     assert read_json(out / "config.json")["sliding_window"] == 8
     ids = random_ids(length=30)
-    torch.testing.assert_close(logits(moefy.load(out), ids), logits(load_dense(src), ids), atol=1e-5, rtol=0)
+    assert_matches_dense(out, src, ids)
 
 
 def test_qwen2_moe_from_llama_gets_zero_qkv_biases_and_exact_empty_shared(tiny, tmp_path):
@@ -103,8 +104,7 @@ def test_sharded_output_has_index_and_metadata(tiny, tmp_path):
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
     with safe_open(out / shards[0], "pt") as f:
         assert f.metadata() == {"format": "pt"}
-    torch.testing.assert_close(logits(moefy.load(out), random_ids()), logits(load_dense(src), random_ids()),
-                               atol=1e-5, rtol=0)
+    assert_matches_dense(out, src)
 
 
 def test_ragged_widths_choose_native_and_stay_exact(tiny, tmp_path):
@@ -114,8 +114,7 @@ def test_ragged_widths_choose_native_and_stay_exact(tiny, tmp_path):
     config = read_json(out / "config.json")
     assert config["model_type"] == "moefy"
     assert config["moe_layers"]["0"]["widths"] == [26, 26, 26, 25, 25]
-    torch.testing.assert_close(logits(moefy.load(out), random_ids()), logits(load_dense(src), random_ids()),
-                               atol=1e-5, rtol=0)
+    assert_matches_dense(out, src)
     reference = moefy.load(out, backend="reference")  # Σ α_e·expert_e(x), one expert at a time
     torch.testing.assert_close(logits(reference, random_ids()), logits(load_dense(src), random_ids()),
                                atol=1e-5, rtol=0)

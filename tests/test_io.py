@@ -5,9 +5,8 @@ import os
 import pytest
 import torch
 
-import moefy
 from moefy.export.native import NativeFormat
-from tests.conftest import load_dense, logits, random_ids, read_json, run_cli
+from tests.conftest import assert_matches_dense, read_json, run_cli
 
 
 def test_sharded_safetensors_source(tiny, tmp_path):
@@ -16,8 +15,7 @@ def test_sharded_safetensors_source(tiny, tmp_path):
     out = tmp_path / "out"
     assert run_cli("convert", src, "-r", "mlpmoe", "-o", out)[0] == 0
     assert len(read_json(out / "moefy.json")["source"]["weights_sha256"]) > 1
-    torch.testing.assert_close(logits(moefy.load(out), random_ids()), logits(load_dense(src), random_ids()),
-                               atol=1e-5, rtol=0)
+    assert_matches_dense(out, src)
 
 
 def test_pytorch_bin_source(tiny, tmp_path):
@@ -26,8 +24,7 @@ def test_pytorch_bin_source(tiny, tmp_path):
     out = tmp_path / "out"
     code, _, err = run_cli("convert", src, "-r", "mlpmoe", "-o", out)
     assert code == 0, err
-    torch.testing.assert_close(logits(moefy.load(out), random_ids()), logits(load_dense(src), random_ids()),
-                               atol=1e-5, rtol=0)
+    assert_matches_dense(out, src)
 
 
 def test_missing_shard_is_bad_input(tiny, tmp_path):

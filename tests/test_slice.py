@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import moefy
 from moefy.moe.layer import DenseMLP
 from moefy.transforms.slice import Slice, SliceOptions, branch_widths, fade_keep_counts, neuron_scores
-from tests.conftest import load_dense, logits, random_ids, read_json, run_cli
+from tests.conftest import assert_matches_dense, logits, random_ids, read_json, run_cli
 
 
 def _mlp(width=128, hidden=64, seed=0):
@@ -73,8 +73,7 @@ def test_fade_equals_dense_with_the_faded_neurons_removed(tiny, tmp_path):
         return kept
 
     reference = _zeroed_dense(src, tmp_path / "ref", keep)
-    torch.testing.assert_close(logits(moefy.load(out), random_ids()), logits(load_dense(reference), random_ids()),
-                               atol=1e-5, rtol=0)
+    assert_matches_dense(out, reference)
     stats = read_json(out / "moefy.json")["layers"]["0"]
     assert abs(stats["neurons_removed_fraction"] - 0.2) < 0.02
 
@@ -99,7 +98,7 @@ def test_compensated_pruning_equals_scaled_dense(tiny, tmp_path, compensation, f
 
     reference = _zeroed_dense(src, tmp_path / "ref", keep)
     ids = random_ids()
-    torch.testing.assert_close(logits(moefy.load(out), ids), logits(load_dense(reference), ids), atol=1e-5, rtol=0)
+    assert_matches_dense(out, reference, ids)
     stats = read_json(out / "moefy.json")["layers"]["1"]
     assert len(stats["pruned_branches"]) == 2 and stats["scales"] == [round(factor, 6)] * 6
 
