@@ -87,10 +87,10 @@ def convert(
     if calib is not None:
         from moefy.io.data import load_text
 
-        load_text(calib)  # fail fast on a bad path even when no transform calibrates yet
+        load_text(calib)  # fail fast on a bad path, before any work
     parsed = load_recipe(recipe, set_)
     record = run_convert(source, parsed, output, fmt=fmt, dtype=dtype, seed=seed, force=force, dry_run=dry_run,
-                         allow_inexact=allow_inexact)
+                         allow_inexact=allow_inexact, calib=calib, device=device)
     if dry_run:
         out.print_json(json.dumps(record))
         return

@@ -17,6 +17,7 @@ import torch
 
 import moefy
 from moefy.arch import adapter_for
+from moefy.calib import Calibration, load_calibration
 from moefy.errors import BadInput, CheckFailed
 from moefy.export import FORMATS, choose_format
 from moefy.io.checkpoint import Checkpoint, open_source
@@ -47,7 +48,8 @@ def plan_pipeline(transforms, source: SourceInfo) -> LayerPlan:
 
 
 def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, dtype: str | None = None,
-            seed: int = 0, force: bool = False, dry_run: bool = False, allow_inexact: bool = False) -> dict:
+            seed: int = 0, force: bool = False, dry_run: bool = False, allow_inexact: bool = False,
+            calib: str | None = None, device: str = "auto") -> dict:
     """Run the recipe on SOURCE and write OUT; returns the provenance record (moefy.json)."""
     started = time.perf_counter()
     transforms = recipe.build_transforms(seed)
@@ -60,12 +62,14 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
     out_dtype = source_dtype(ckpt) if out_dtype == "auto" else out_dtype
     log(f"source {ckpt.origin} ({adapter.model_type}, {adapter.num_layers(ckpt.config)} layers) → "
         f"{choice.format.name} [{choice.reason}], {out_dtype}")
+    calibration = _calibration(ckpt, transforms, recipe, calib, device, dry_run)
     if dry_run:
         return {"dry_run": True, "format": choice.format.name, "format_reason": choice.reason, "plan": vars(plan)}
     check_output_path(out, force, sources=[ckpt.path])
     shard_bytes = parse_size(recipe.output.shard_size)
     with atomic_output(out) as tmp:
-        layer_stats = _write_model(ckpt, info, transforms, choice.format, tmp, out_dtype, shard_bytes, seed)
+        layer_stats = _write_model(ckpt, info, transforms, choice.format, tmp, out_dtype, shard_bytes, seed,
+                                   calibration)
         record = {
             "moefy_version": moefy.__version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -73,14 +77,15 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
             "seed": seed,
             "source": {"origin": ckpt.origin, "path": str(ckpt.path), "model_type": adapter.model_type,
                        "weights_sha256": ckpt.weights_sha256},
-            "calibration": None,
+            "calibration": calibration.record if calibration else None,
             "format": {"name": choice.format.name, "reason": choice.reason, "exact": choice.exact},
             "dtype": out_dtype,
             "layers": layer_stats,
             "convert_seconds": round(time.perf_counter() - started, 3),
         }
         if not choice.exact:
-            record["format"]["gap"] = _measure_gap(ckpt, info, transforms, tmp, shard_bytes, seed)
+            record["format"]["gap"] = _measure_gap(ckpt, info, transforms, tmp, shard_bytes, seed,
+                                                     calibration)
             log(f"inexact {choice.format.name} export: max |Δlogit| vs the exact native model "
                 f"{record['format']['gap']['max_abs_logit_diff']:.4g} on random prompts")
         record["summary"] = {k: v for k, v in summarize(tmp).items() if k != "provenance"}
@@ -89,11 +94,35 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
     return record
 
 
+def _calibration(ckpt: Checkpoint, transforms, recipe: Recipe, calib: str | None, device: str,
+                 dry_run: bool) -> Calibration | None:
+    """Calibration tokens when a transform needs them (checked, not tokenized, on a dry run)."""
+    users = [t.name for t in transforms if t.needs_calibration]
+    spec = calib or recipe.calibration.dataset
+    if not users:
+        if calib:
+            log(f"--calib {calib} is not used: no transform of this recipe calibrates")
+        return None
+    if spec is None:
+        raise BadInput(f"{', '.join(users)} needs calibration data: pass --calib FILE (.txt/.raw/.jsonl/hf:...) or "
+                       f"set calibration.dataset in the recipe.")
+    if dry_run:
+        return None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    c = recipe.calibration
+    calibration = load_calibration(ckpt, spec, c.samples, c.seq_len, mode=c.mode, batch_size=c.batch_size,
+                                   device=device)
+    log(f"calibration: {c.samples} × {c.seq_len} tokens of {calibration.record['dataset']} ({c.mode}, {device})")
+    return calibration
+
+
 def _write_model(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, directory: Path, dtype: str,
-                 shard_bytes: int, seed: int) -> dict[str, dict]:
+                 shard_bytes: int, seed: int, calibration: Calibration | None) -> dict[str, dict]:
     """Weights, config, side files and format files of one output; returns per-layer stats."""
     torch.manual_seed(seed)
-    blocks, layer_stats = _write_weights(ckpt, info, transforms, fmt, directory, TORCH_DTYPES[dtype], shard_bytes)
+    blocks, layer_stats = _write_weights(ckpt, info, transforms, fmt, directory, TORCH_DTYPES[dtype], shard_bytes,
+                                         calibration)
     config = fmt.config(info, blocks, dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for side in ckpt.side_files:
@@ -103,14 +132,15 @@ def _write_model(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, directory:
 
 
 def _measure_gap(ckpt: Checkpoint, info: SourceInfo, transforms, out_dir: Path, shard_bytes: int,
-                 seed: int) -> dict:
+                 seed: int, calibration: Calibration | None) -> dict:
     """Logit gap of an inexact export vs the same pipeline written exactly (native), fp32, random prompts."""
     import tempfile
 
     from moefy.loading import load_model
 
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".moefy-gap-") as exact_dir:
-        _write_model(ckpt, info, transforms, FORMATS["native"], Path(exact_dir), "float32", shard_bytes, seed)
+        _write_model(ckpt, info, transforms, FORMATS["native"], Path(exact_dir), "float32", shard_bytes, seed,
+                     calibration)
         ids = torch.randint(0, int(info.config["vocab_size"]), (4, 64), generator=torch.Generator().manual_seed(seed))
         with torch.inference_mode():
             exact = load_model(exact_dir)(input_ids=ids).logits.float()
@@ -130,43 +160,34 @@ def write_record(directory: Path, record: dict) -> None:
 
 
 def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Path, dtype: torch.dtype,
-                   shard_bytes: int) -> tuple[dict[int, dict], dict[str, dict]]:
+                   shard_bytes: int, calibration: Calibration | None) -> tuple[dict[int, dict], dict[str, dict]]:
+    """MLPs layer by layer in order (each through the transforms, with calibration inputs when the
+    pipeline calibrates), then every other tensor in shard order."""
     adapter = info.adapter
     num_layers = adapter.num_layers(info.config)
-    role_of = {}
-    for layer in range(num_layers):
-        for role, name in adapter.mlp_weight_names(layer).items():
-            role_of[name] = (layer, role)
-    missing = [n for n in role_of if not ckpt.has(n)]
+    mlp_names = [adapter.mlp_weight_names(layer) for layer in range(num_layers)]
+    missing = [n for names in mlp_names for n in names.values() if not ckpt.has(n)]
     if missing:
         raise BadInput(f"{ckpt.path} lacks MLP weight {missing[0]!r} (and {len(missing) - 1} more) that a "
                        f"{adapter.model_type} model must have. The checkpoint is incomplete or not "
                        f"{adapter.model_type}.")
+    runner = calibration.runner(ckpt, adapter) if calibration else None
     writer = ShardedWriter(tmp, shard_bytes)
-    pending: dict[int, dict[str, torch.Tensor]] = {}
     blocks, stats = {}, {}
-    needed = 3 if adapter.gated else 2
-    tied = info.config.get("tie_word_embeddings", False)
     with progress("convert layers", num_layers) as advance:
-        for name in ckpt.tensor_names:
-            if tied and name == adapter.lm_head:
-                continue  # a .bin stores the tied head twice; the embeddings are the one copy
-            tensor = ckpt.get(name)
-            if name not in role_of:
-                writer.add(name, tensor.to(dtype))
-                continue
-            layer, role = role_of[name]
-            if not torch.isfinite(tensor).all():
-                raise CheckFailed(f"{name} in {ckpt.path} contains NaN or Inf; moefy will not convert a broken "
-                                  f"checkpoint. Repair or re-download it.")
-            pending.setdefault(layer, {})[role] = tensor.float()
-            if len(pending[layer]) < needed:
-                continue
-            weights = pending.pop(layer)
+        for layer, names in enumerate(mlp_names):
+            weights = {role: _finite(ckpt, name) for role, name in names.items()}
             block: DenseMLP | MoeLayer = DenseMLP(weights.get("gate"), weights["up"], weights["down"],
                                                    adapter.activation(info.config))
+            inputs = runner.mlp_inputs(layer) if runner else None
+            if inputs is not None and not torch.isfinite(inputs).all():
+                raise CheckFailed(f"the MLP inputs of layer {layer} on the calibration data contain NaN or Inf; "
+                                  f"check the checkpoint's layers up to {layer} and the calibration text.")
+            dense = block
             for transform in transforms:
-                block = transform.apply(layer, block)
+                block = transform.apply(layer, block, inputs)
+            if runner:
+                runner.advance(block.forward if calibration.sequential else dense.forward)
             for out_name, out_tensor in fmt.layer_tensors(layer, block, info).items():
                 writer.add(out_name, out_tensor.to(dtype))
             for out_name, out_tensor in fmt.extra_tensors(layer, info, ckpt.has).items():
@@ -176,9 +197,23 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
                 stats[str(layer)] = {**blocks[layer], "scales": [round(float(s), 6) for s in block.scales],
                                      **block.stats}
             advance()
+    done = {n for names in mlp_names for n in names.values()}
+    if info.config.get("tie_word_embeddings", False):
+        done.add(adapter.lm_head)  # a .bin stores the tied head twice; the embeddings are the one copy
+    for name in ckpt.tensor_names:
+        if name not in done:
+            writer.add(name, ckpt.get(name).to(dtype))
     ckpt.release()
     writer.close()
     return blocks, stats
+
+
+def _finite(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    tensor = ckpt.get(name).float()
+    if not torch.isfinite(tensor).all():
+        raise CheckFailed(f"{name} in {ckpt.path} contains NaN or Inf; moefy will not convert a broken "
+                          f"checkpoint. Repair or re-download it.")
+    return tensor
 
 
 def model_card(record: dict) -> str:

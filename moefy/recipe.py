@@ -23,6 +23,8 @@ class CalibrationConfig(_Strict):
     samples: int = Field(64, ge=1)
     seq_len: int = Field(512, ge=2)
     dataset: str | None = None
+    mode: Literal["sequential", "independent"] = "sequential"  # later layers see earlier layers' changes, or not
+    batch_size: int = Field(8, ge=1)
 
 
 class OutputConfig(_Strict):

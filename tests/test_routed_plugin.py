@@ -28,7 +28,7 @@ class ToyRoute(Transform):
         return LayerPlan(num_experts=o.experts, expert_width=source.mlp_width // o.experts, scoring="softmax",
                          top_k=o.top_k, combine=o.combine)
 
-    def apply(self, layer, mlp):
+    def apply(self, layer, mlp, inputs=None):
         o = self.options
         router = torch.randn(o.experts, mlp.up.shape[1], generator=torch.Generator().manual_seed(self.seed + layer))
         return MoeLayer(mlp=mlp, widths=[mlp.width // o.experts] * o.experts, scoring="softmax", top_k=o.top_k,

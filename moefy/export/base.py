@@ -91,6 +91,10 @@ class StandardMoeFormat(ExportFormat):
         if plan.expert_width % 8:
             return (f"{self.name} in stock transformers runs experts through grouped_mm, which needs expert widths "
                     f"that are multiples of 8 (16-byte strides); this one is {plan.expert_width}: use native")
+        if plan.bias:
+            return f"{self.name} experts have no output bias; this MoE has one (expected-output compensation): use native"
+        if not plan.same_top_k:
+            return f"{self.name} activates the same number of experts in every layer; this MoE varies it: use native"
         if plan.shared and not self.has_shared:
             return f"{self.name} has no shared expert; this MoE has one: use qwen2_moe or native"
         return self._attention_unsupported(source.config) or self._config_unsupported(source, plan)
@@ -201,5 +205,6 @@ class StandardMoeFormat(ExportFormat):
         spec = {"widths": [config[self.width_key]] * num_experts, "top_k": config["num_experts_per_tok"],
                 "scoring": "softmax", "combine": "renormalize" if renormalize else "prob",
                 "activation": config.get("hidden_act", "silu"), "gated": True,
-                "shared_width": config.get("shared_expert_intermediate_size", 0) if self.has_shared else 0}
+                "shared_width": config.get("shared_expert_intermediate_size", 0) if self.has_shared else 0,
+                "bias": False}
         return {i: dict(spec) for i in range(config["num_hidden_layers"]) if i not in dense}

@@ -44,6 +44,8 @@ class NativeFormat(ExportFormat):
         if block.shared is not None:
             tensors[f"{prefix}.shared.gate_up_proj"] = packed_gate_up(block.shared, [block.shared.width])
             tensors[f"{prefix}.shared.down_proj"] = block.shared.down
+        if block.bias is not None:
+            tensors[f"{prefix}.output_bias"] = block.bias
         return tensors
 
     def config(self, source, blocks, dtype):

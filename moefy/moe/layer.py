@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moefy_kernels.routing import activation_fn, route
+
 
 @dataclass
 class DenseMLP:
@@ -37,6 +39,17 @@ class DenseMLP:
     def num_params(self) -> int:
         return sum(t.numel() for t in (self.gate, self.up, self.down) if t is not None)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP on [T, H] in fp32."""
+        return activations(self, x.float()) @ self.down.float().T
+
+
+def activations(mlp: DenseMLP, x: torch.Tensor) -> torch.Tensor:
+    """Intermediate activations act(gate x) ⊙ (up x) (act(up x) when not gated), [T, I] fp32."""
+    act = activation_fn(mlp.activation)
+    up = x @ mlp.up.float().T
+    return act(x @ mlp.gate.float().T) * up if mlp.gated else act(up)
+
 
 def concat_mlps(parts: list[DenseMLP]) -> DenseMLP:
     gate = None if parts[0].gate is None else torch.cat([p.gate for p in parts])
@@ -59,6 +72,7 @@ class MoeLayer:
     scales: torch.Tensor | None = None  # [E]; None means all ones
     router: torch.Tensor | None = None  # [E, H]
     shared: DenseMLP | None = None
+    bias: torch.Tensor | None = None  # [H] added to every token's output (expected-output compensation)
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -81,8 +95,30 @@ class MoeLayer:
         start = sum(self.widths[:e])
         return self.mlp.span(start, start + self.widths[e])
 
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token weight of every expert [T, E] fp32 (zero where not selected), scales included."""
+        if self.scoring == "none":
+            return self.scales.float().expand(x.shape[0], -1)
+        weights, experts = route(x.float() @ self.router.float().T, self.top_k, scoring=self.scoring,
+                                 combine=self.combine)
+        return torch.zeros(x.shape[0], self.num_experts).scatter(1, experts, weights) * self.scales.float()
+
+    def neuron_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """`route` expanded to every intermediate neuron of the routed experts, [T, I]."""
+        return torch.repeat_interleave(self.route(x), torch.tensor(self.widths), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's function on [T, H] in fp32, computed densely and masked (calibration, tests)."""
+        x = x.float()
+        y = activations(self.mlp, x) * self.neuron_weights(x) @ self.mlp.down.float().T
+        if self.shared is not None:
+            y = y + activations(self.shared, x) @ self.shared.down.float().T
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y
+
     def block_spec(self) -> dict:
         """The native MoeBlock's config entry (see modeling_moefy.MoefyConfig)."""
         return {"widths": list(self.widths), "top_k": self.top_k, "scoring": self.scoring, "combine": self.combine,
                 "activation": self.mlp.activation, "gated": self.mlp.gated,
-                "shared_width": self.shared.width if self.shared is not None else 0}
+                "shared_width": self.shared.width if self.shared is not None else 0, "bias": self.bias is not None}

@@ -45,7 +45,7 @@ class MoefyConfig(PretrainedConfig):
 
     `moe_layers` maps a layer index (as a string) to a block spec: widths, top_k, scoring
     ("softmax" | "sigmoid" | "none" for a static all-experts MoE), combine ("unit" | "prob" |
-    "renormalize"), activation, gated, shared_width.
+    "renormalize"), activation, gated, shared_width, bias (an output bias: expected-output compensation).
     """
 
     model_type = "moefy"
@@ -137,6 +137,7 @@ class MoeBlock(nn.Module):
         self.router = nn.Linear(hidden, len(widths), bias=False, dtype=dtype) if self.scoring != "none" else None
         shared = spec.get("shared_width", 0)
         self.shared = PackedExperts(hidden, [shared], self.gated, dtype) if shared else None
+        self.output_bias = nn.Parameter(torch.zeros(hidden, dtype=dtype)) if spec.get("bias") else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         act = _ACTIVATIONS[self.activation]
@@ -152,6 +153,8 @@ class MoeBlock(nn.Module):
                 y = y + self.shared.dense_forward(x, act, None)
         else:
             y = self._routed(x)
+        if self.output_bias is not None:
+            y = y + self.output_bias
         return y.reshape(shape)
 
     def _static_reference(self, x: torch.Tensor, act) -> torch.Tensor:
@@ -224,6 +227,8 @@ class MoefyForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         if isinstance(module, MoeBlock):
             nn.init.ones_(module.expert_scales)
+            if module.output_bias is not None:
+                nn.init.zeros_(module.output_bias)
         elif isinstance(module, PackedExperts):
             std = getattr(self.config, "initializer_range", 0.02)
             nn.init.normal_(module.gate_up_proj, std=std)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from moefy.transforms.base import LayerPlan, SourceInfo, Transform
+from moefy.transforms.carve import Carve
 from moefy.transforms.slice import Slice
 
 TRANSFORMS: dict[str, type[Transform]] = {
     Slice.name: Slice,
+    Carve.name: Carve,
 }
 
 __all__ = ["TRANSFORMS", "Transform", "LayerPlan", "SourceInfo"]

@@ -2,8 +2,9 @@
 
 Lifecycle (llm-compressor style): `check(source)` validates options against the architecture
 before anything is written; `plan(prev)` says what the layers will look like so the export
-format can be chosen up front; `apply(layer, mlp)` rewrites one layer at a time, so weight-only
-transforms stream and memory stays bounded by one layer.
+format can be chosen up front; `apply(layer, mlp, inputs)` rewrites one layer at a time, in layer
+order, so memory stays bounded by one layer (+ the calibration activations when a transform needs
+them: see moefy.calib).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from moefy.arch.base import ArchAdapter
@@ -34,6 +36,8 @@ class LayerPlan:
     top_k: int = 1
     combine: str = "unit"
     shared: bool = False
+    bias: bool = False  # an output bias per MoE layer
+    same_top_k: bool = True  # every MoE layer activates top_k experts (else per-layer budgets)
     dense_layers: tuple[int, ...] = ()  # layers left as dense MLPs
 
 
@@ -51,6 +55,7 @@ class Transform:
     name: ClassVar[str]
     Options: ClassVar[type[Options]]
     summary: ClassVar[str]
+    needs_calibration: ClassVar[bool] = False  # apply() then receives each layer's MLP inputs
 
     def __init__(self, options: Options, seed: int = 0):
         self.options = options
@@ -62,5 +67,7 @@ class Transform:
     def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
         raise NotImplementedError
 
-    def apply(self, layer: int, current: DenseMLP | MoeLayer) -> MoeLayer:
+    def apply(self, layer: int, current: DenseMLP | MoeLayer, inputs: torch.Tensor | None = None) -> MoeLayer:
+        """Rewrite one layer. `inputs` [T, H]: the layer's MLP inputs on the calibration tokens (after the
+        earlier layers were already transformed), given when the pipeline calibrates, else None."""
         raise NotImplementedError

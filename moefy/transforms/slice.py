@@ -144,7 +144,7 @@ class Slice(Transform):
         return LayerPlan(num_experts=b, uniform=uniform, expert_width=source.mlp_width // self.options.experts
                          if uniform else None, scoring="none", top_k=b, combine="unit")
 
-    def apply(self, layer: int, current: DenseMLP | MoeLayer) -> MoeLayer:
+    def apply(self, layer: int, current: DenseMLP | MoeLayer, inputs=None) -> MoeLayer:
         mlp: DenseMLP = current
         widths = branch_widths(mlp.width, self.options.experts)
         starts = [sum(widths[:b]) for b in range(len(widths))]

@@ -1,0 +1,44 @@
+"""Calibration: token samples from a dataset and a sequential, layer-by-layer pass over the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moefy.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration tokens [N, L] and how to run them (see layerwise.LayerwiseRunner)."""
+
+    tokens: torch.Tensor
+    sequential: bool
+    batch_size: int
+    device: str
+    record: dict  # provenance for moefy.json
+
+    def runner(self, ckpt, adapter):
+        from moefy.calib.layerwise import LayerwiseRunner
+
+        return LayerwiseRunner(ckpt, adapter, self.tokens, batch_size=self.batch_size, device=self.device)
+
+
+def load_calibration(ckpt, spec: str, samples: int, seq_len: int, *, mode: str = "sequential", batch_size: int = 8,
+                     device: str = "cpu") -> Calibration:
+    """`samples` windows of `seq_len` tokens spread evenly over DATA, tokenized with the source's tokenizer."""
+    from moefy.evaluate import token_windows
+    from moefy.io.data import load_text
+    from moefy.loading import load_tokenizer
+
+    data = load_text(spec)
+    windows = token_windows(load_tokenizer(ckpt), data, seq_len, None)
+    if windows.shape[0] < samples:
+        raise BadInput(f"calibration data {data.name} has {windows.shape[0]} windows of {seq_len} tokens, fewer "
+                       f"than the {samples} samples the recipe asks for (calibration.samples × calibration.seq_len). "
+                       f"Use a longer text or lower calibration.samples / calibration.seq_len.")
+    pick = torch.div(torch.arange(samples) * windows.shape[0], samples, rounding_mode="floor")
+    record = {"dataset": data.name, "sha256": data.sha256, "samples": samples, "seq_len": seq_len,
+              "tokens": samples * seq_len, "mode": mode}
+    return Calibration(windows[pick], mode == "sequential", batch_size, device, record)

@@ -1,0 +1,212 @@
+"""`carve`: activation-clustering carving (CMoE / MoEfication style), training-free.
+
+Per layer, on the MLP inputs of the calibration tokens (moefy.calib.layerwise):
+1. intermediate activations h = act(gate x) ⊙ (up x) and a per-neuron feature profile over tokens:
+   CMoE's binary top-k markers, |h|, or |h|·‖down column‖ ("contribution");
+2. shared experts = the neurons with the highest activation rate / mean contribution;
+3. routed experts = balanced k-means of the remaining profiles (scikit-learn k-means, then an exact
+   balanced assignment of neurons to centroids with scipy's linear_sum_assignment);
+4. a linear router: CMoE's representative neuron (gate row of the neuron nearest each centroid),
+   class centroids of the inputs, or a ridge least-squares fit of the true expert output norms;
+5. optional compensation: least-squares refit of the down projection under the routing mask, and an
+   output bias for what the dropped experts contribute on average.
+
+Combine weights: `unit` (native only) or `renormalize` with the router logits scaled down so the
+renormalised top-k weights sit near 1/k and k is folded into the expert scales — the same ranking,
+and exact in Mixtral / Qwen2-MoE.  See docs/CARVE.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from moefy.calib.routers import centroid_router, expert_output_norms, ridge_router, top_k_recall
+from moefy.errors import BadInput
+from moefy.moe.layer import DenseMLP, MoeLayer, activations
+from moefy.transforms.base import LayerPlan, Options, SourceInfo, Transform
+
+
+class CompensationOptions(Options):
+    refit_down: bool = Field(False, description="least-squares refit of down_proj under the routing mask")
+    bias: bool = Field(False, description="output bias = mean of what the dropped experts contribute (native)")
+    ridge: float = Field(1e-3, gt=0, description="refit ridge, relative to the mean diagonal of the Gram matrix")
+
+
+class CarveOptions(Options):
+    experts: int = Field(16, ge=2, description="experts per layer, shared ones included (equal widths)")
+    shared: int = Field(0, ge=0, description="always-active shared experts (merged into one shared MLP)")
+    top_k: int = Field(4, ge=1, description="routed experts active per token")
+    router: Literal["representative", "centroid", "fitted"] = Field(
+        "fitted", description="representative neuron (CMoE), input centroids, or ridge fit of expert output norms")
+    features: Literal["markers", "abs", "contribution"] = Field(
+        "contribution", description="neuron profile clustered: top-k markers (CMoE), |h|, or |h|·‖down_i‖")
+    marker_fraction: float = Field(0.1, gt=0, le=1, description="share of neurons marked per token (markers)")
+    combine: Literal["unit", "renormalize"] = Field(
+        "renormalize", description="unit weights (native), or renormalised softmax at router_temperature")
+    router_temperature: float = Field(
+        0.01, gt=0, description="std of the logits after scaling (renormalize): small → weights ≈ 1/k")
+    compensation: CompensationOptions = CompensationOptions()
+    dense_layers: list[int] = Field(default_factory=list, description="layers left dense (e.g. [0] or [-1])")
+    max_tokens: int = Field(8192, ge=16, description="calibration tokens used for clustering and router fits")
+    kmeans_init: int = Field(3, ge=1, description="k-means restarts")
+
+
+class Carve(Transform):
+    name = "carve"
+    Options = CarveOptions
+    summary = "activation-clustering carving: shared + balanced-clustered routed experts, training-free router"
+    needs_calibration = True
+
+    def check(self, source: SourceInfo) -> None:
+        o, width = self.options, source.mlp_width
+        if o.shared >= o.experts:
+            raise BadInput(f"carve.shared={o.shared} must be smaller than carve.experts={o.experts}: at least one "
+                           f"expert has to be routed.")
+        if o.top_k > o.experts - o.shared:
+            raise BadInput(f"carve.top_k={o.top_k} exceeds the {o.experts - o.shared} routed experts "
+                           f"(experts {o.experts} − shared {o.shared}). Lower top_k or raise experts.")
+        if width % o.experts:
+            divisors = [d for d in range(2, min(width, 512) + 1) if width % d == 0]
+            raise BadInput(f"carve.experts={o.experts} does not divide the MLP width {width}; experts have equal "
+                           f"widths. Divisors of {width}: {', '.join(map(str, divisors[:24]))}.")
+        layers = self._num_layers = source.adapter.num_layers(source.config)
+        bad = [i for i in o.dense_layers if not -layers <= i < layers]
+        if bad:
+            raise BadInput(f"carve.dense_layers has {bad[0]}, outside the model's {layers} layers.")
+
+    def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
+        if previous is not None:
+            raise BadInput("carve must be the first transform of a recipe: it starts from the dense MLP.")
+        o = self.options
+        layers = source.adapter.num_layers(source.config)
+        return LayerPlan(num_experts=o.experts - o.shared, expert_width=source.mlp_width // o.experts,
+                         scoring="softmax", top_k=o.top_k, combine=o.combine, shared=o.shared > 0,
+                         bias=o.compensation.bias, dense_layers=self._dense(layers))
+
+    def _dense(self, layers: int) -> tuple[int, ...]:
+        return tuple(sorted({i % layers for i in self.options.dense_layers}))
+
+    def apply(self, layer: int, current: DenseMLP | MoeLayer, inputs: torch.Tensor | None = None):
+        if inputs is None:
+            raise BadInput("carve needs calibration data: pass --calib FILE or set calibration.dataset.")
+        o = self.options
+        mlp: DenseMLP = current
+        width = mlp.width // o.experts
+        if layer in self._dense(self._num_layers):
+            return mlp
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
+        sample = inputs if inputs.shape[0] <= o.max_tokens else \
+            inputs[torch.randperm(inputs.shape[0], generator=generator)[: o.max_tokens]]
+        h = activations(mlp, sample)
+        features = self._features(h, mlp)
+        order = torch.argsort(self._shared_score(h, mlp, features), descending=True)
+        shared_idx = torch.sort(order[: o.shared * width]).values
+        routed_idx = torch.sort(order[o.shared * width:]).values
+        groups, reps = balanced_clusters(features[:, routed_idx].T, o.experts - o.shared, width, o.kmeans_init,
+                                         self.seed)
+        groups = [routed_idx[g] for g in groups]
+        experts = torch.cat(groups)
+        moe = MoeLayer(mlp=mlp.neurons(experts), widths=[width] * len(groups), scoring="softmax", top_k=o.top_k,
+                       combine="unit", shared=mlp.neurons(shared_idx) if o.shared else None)
+        h_routed = h[:, experts]
+        oracle = expert_output_norms(h_routed, moe.mlp.down.float(), moe.widths)
+        if o.top_k == len(groups):  # every expert on every token: a zero router makes it exact in any format
+            moe.router = torch.zeros(len(groups), mlp.up.shape[1])
+        else:
+            moe.router = self._router(sample, oracle, mlp, routed_idx[reps], groups)
+        logits = sample @ moe.router.T
+        stats = {"router_recall": round(top_k_recall(logits, oracle, o.top_k), 4)}
+        if o.combine == "renormalize":
+            spread = float(logits.std())
+            scale = 2.0 ** math.floor(math.log2(o.router_temperature / spread)) if spread > 0 else 1.0
+            moe.router = moe.router * scale  # a power of two: the ranking is unchanged bit for bit
+            moe.combine = "renormalize"
+            moe.scales = torch.full((moe.num_experts,), float(o.top_k))
+        dense_out = h @ mlp.down.float().T
+        stats["rel_error"] = round(_rel_error(moe.forward(sample), dense_out), 5)
+        if o.compensation.refit_down:
+            refit_down(moe, sample, dense_out, o.compensation.ridge)
+        if o.compensation.bias:
+            moe.bias = (dense_out - moe.forward(sample)).mean(0)
+        stats["rel_error_final"] = round(_rel_error(moe.forward(sample), dense_out), 5)
+        load = moe.route(sample).gt(0).float().mean(0)
+        stats["expert_load_max_over_mean"] = round(float(load.max() / load.mean()), 3)
+        stats["calibration_tokens"] = int(sample.shape[0])
+        moe.stats = stats
+        return moe
+
+    def _features(self, h: torch.Tensor, mlp: DenseMLP) -> torch.Tensor:
+        """[T, I] profile of each neuron over the calibration tokens."""
+        o = self.options
+        if o.features == "markers":
+            k = max(1, round(o.marker_fraction * h.shape[1]))
+            return torch.zeros_like(h).scatter(1, h.abs().topk(k, dim=1).indices, 1.0)
+        magnitude = h.abs()
+        if o.features == "contribution":
+            magnitude = magnitude * mlp.down.float().norm(dim=0)
+        return magnitude / magnitude.norm(dim=0).clamp(min=1e-12)
+
+    def _shared_score(self, h: torch.Tensor, mlp: DenseMLP, features: torch.Tensor) -> torch.Tensor:
+        if self.options.features == "markers":
+            return features.mean(0)  # activation rate, as in CMoE
+        return (h.abs() * mlp.down.float().norm(dim=0)).mean(0)  # mean contribution
+
+    def _router(self, x, oracle, mlp: DenseMLP, representatives, groups) -> torch.Tensor:
+        router = self.options.router
+        if router == "representative":
+            rows = mlp.gate if mlp.gated else mlp.up
+            return rows[representatives].float()
+        if router == "centroid":
+            return centroid_router(x, oracle, self.options.top_k)
+        return ridge_router(x, oracle)
+
+
+def balanced_clusters(profiles: torch.Tensor, clusters: int, size: int, n_init: int, seed: int):
+    """Split N = clusters·size profiles [N, D] into equal groups: k-means centroids, then the balanced
+    assignment minimising total squared distance (each centroid gets `size` slots). Returns the
+    groups (index tensors) and each group's representative (the member nearest its centroid)."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.cluster import KMeans
+
+    data = profiles.double().numpy()
+    km = KMeans(n_clusters=clusters, n_init=n_init, random_state=seed).fit(data)
+    centers = km.cluster_centers_
+    dist = ((data[:, None, :] - centers[None]) ** 2).sum(-1) if data.shape[0] * clusters * data.shape[1] < 5e7 \
+        else (data ** 2).sum(1)[:, None] - 2 * data @ centers.T + (centers ** 2).sum(1)[None]
+    rows, cols = linear_sum_assignment(np.repeat(dist, size, axis=1))
+    label = cols[np.argsort(rows)] // size
+    groups, reps = [], []
+    for c in range(clusters):
+        members = np.flatnonzero(label == c)
+        groups.append(torch.from_numpy(members))
+        reps.append(int(members[np.argmin(dist[members, c])]))
+    return groups, torch.tensor(reps)
+
+
+def refit_down(moe: MoeLayer, x: torch.Tensor, target: torch.Tensor, ridge: float) -> None:
+    """Closed-form ridge refit of every down column (routed and shared) so the routed block's output
+    matches the dense MLP's on the calibration tokens; pulls towards the original weights."""
+    parts = [activations(moe.mlp, x) * moe.neuron_weights(x)]
+    downs = [moe.mlp.down.float()]
+    if moe.shared is not None:
+        parts.append(activations(moe.shared, x))
+        downs.append(moe.shared.down.float())
+    a = torch.cat(parts, dim=1).double()
+    w0 = torch.cat(downs, dim=1).double()
+    gram = a.T @ a
+    lam = ridge * float(gram.diagonal().mean())
+    gram.diagonal().add_(lam)
+    w = torch.linalg.solve(gram, a.T @ target.double() + lam * w0.T).T.float()
+    routed = moe.mlp.width
+    moe.mlp = DenseMLP(moe.mlp.gate, moe.mlp.up, w[:, :routed].contiguous(), moe.mlp.activation)
+    if moe.shared is not None:
+        moe.shared = DenseMLP(moe.shared.gate, moe.shared.up, w[:, routed:].contiguous(), moe.shared.activation)
+
+
+def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).pow(2).sum() / ref.pow(2).sum())
