@@ -142,3 +142,22 @@ def test_carve_needs_calibration_data(tiny, tmp_path, content):
         args = ["--calib", tmp_path / "empty.txt"]
     code, _, stderr = run_cli("convert", tiny("llama"), "-r", _recipe(tmp_path), "-o", tmp_path / "o", *args)
     assert code == 2 and ("needs calibration data" in stderr or "is empty" in stderr), stderr
+
+
+def test_reported_errors_are_those_of_the_block_that_is_written():
+    """carve's diagnostics come from cached activations; they must equal the written block's forward."""
+    from moefy.moe.layer import DenseMLP
+    from moefy.transforms.base import SourceInfo
+    from moefy.transforms.carve import Carve, CarveOptions
+
+    gen = torch.Generator().manual_seed(0)
+    mlp = DenseMLP(torch.randn(64, 16, generator=gen), torch.randn(64, 16, generator=gen),
+                   torch.randn(16, 64, generator=gen), "silu")
+    x = torch.randn(300, 16, generator=gen)
+    carve = Carve(CarveOptions(experts=8, shared=2, top_k=2, compensation={"refit_down": True, "bias": True}))
+    carve.check(SourceInfo(adapter_for({"model_type": "llama"}), {"intermediate_size": 64, "num_hidden_layers": 1}))
+    moe = carve.apply(0, mlp, x)
+    dense = mlp.forward(x)
+    error = float((moe.forward(x) - dense).pow(2).sum() / dense.pow(2).sum())
+    assert moe.stats["rel_error_final"] == pytest.approx(error, rel=1e-3, abs=1e-5)
+    assert moe.stats["rel_error_final"] < moe.stats["rel_error"]

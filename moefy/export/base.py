@@ -92,7 +92,8 @@ class StandardMoeFormat(ExportFormat):
             return (f"{self.name} in stock transformers runs experts through grouped_mm, which needs expert widths "
                     f"that are multiples of 8 (16-byte strides); this one is {plan.expert_width}: use native")
         if plan.bias:
-            return f"{self.name} experts have no output bias; this MoE has one (expected-output compensation): use native"
+            return (f"{self.name} experts have no output bias; this MoE has one (expected-output compensation): "
+                    f"use native")
         if not plan.same_top_k:
             return f"{self.name} activates the same number of experts in every layer; this MoE varies it: use native"
         if plan.shared and not self.has_shared:

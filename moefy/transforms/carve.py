@@ -51,7 +51,8 @@ class CarveOptions(Options):
         0.01, gt=0, description="std of the logits after scaling (renormalize): small → weights ≈ 1/k")
     compensation: CompensationOptions = CompensationOptions()
     dense_layers: list[int] = Field(default_factory=list, description="layers left dense (e.g. [0] or [-1])")
-    max_tokens: int = Field(8192, ge=16, description="calibration tokens used for clustering and router fits")
+    max_tokens: int = Field(8192, ge=16, description="calibration tokens used for router fits and compensation")
+    cluster_tokens: int = Field(2048, ge=16, description="tokens in each neuron's profile for clustering")
     kmeans_init: int = Field(3, ge=1, description="k-means restarts")
 
 
@@ -99,15 +100,14 @@ class Carve(Transform):
         if layer in self._dense(self._num_layers):
             return mlp
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
-        sample = inputs if inputs.shape[0] <= o.max_tokens else \
-            inputs[torch.randperm(inputs.shape[0], generator=generator)[: o.max_tokens]]
+        sample = inputs[torch.randperm(inputs.shape[0], generator=generator)[: o.max_tokens]]
         h = activations(mlp, sample)
         features = self._features(h, mlp)
         order = torch.argsort(self._shared_score(h, mlp, features), descending=True)
         shared_idx = torch.sort(order[: o.shared * width]).values
         routed_idx = torch.sort(order[o.shared * width:]).values
-        groups, reps = balanced_clusters(features[:, routed_idx].T, o.experts - o.shared, width, o.kmeans_init,
-                                         self.seed)
+        profiles = features[: o.cluster_tokens, routed_idx].T
+        groups, reps = balanced_clusters(profiles, o.experts - o.shared, width, o.kmeans_init, self.seed)
         groups = [routed_idx[g] for g in groups]
         experts = torch.cat(groups)
         moe = MoeLayer(mlp=mlp.neurons(experts), widths=[width] * len(groups), scoring="softmax", top_k=o.top_k,
@@ -127,12 +127,14 @@ class Carve(Transform):
             moe.combine = "renormalize"
             moe.scales = torch.full((moe.num_experts,), float(o.top_k))
         dense_out = h @ mlp.down.float().T
-        stats["rel_error"] = round(_rel_error(moe.forward(sample), dense_out), 5)
+        routed = h_routed * moe.neuron_weights(sample)  # what each kept neuron feeds the down projection
+        shared = h[:, shared_idx] if o.shared else None
+        stats["rel_error"] = round(_rel_error(_output(moe, routed, shared), dense_out), 5)
         if o.compensation.refit_down:
-            refit_down(moe, sample, dense_out, o.compensation.ridge)
+            refit_down(moe, routed, shared, dense_out, o.compensation.ridge)
         if o.compensation.bias:
-            moe.bias = (dense_out - moe.forward(sample)).mean(0)
-        stats["rel_error_final"] = round(_rel_error(moe.forward(sample), dense_out), 5)
+            moe.bias = (dense_out - _output(moe, routed, shared)).mean(0)
+        stats["rel_error_final"] = round(_rel_error(_output(moe, routed, shared), dense_out), 5)
         load = moe.route(sample).gt(0).float().mean(0)
         stats["expert_load_max_over_mean"] = round(float(load.max() / load.mean()), 3)
         stats["calibration_tokens"] = int(sample.shape[0])
@@ -188,24 +190,29 @@ def balanced_clusters(profiles: torch.Tensor, clusters: int, size: int, n_init: 
     return groups, torch.tensor(reps)
 
 
-def refit_down(moe: MoeLayer, x: torch.Tensor, target: torch.Tensor, ridge: float) -> None:
+def _output(moe: MoeLayer, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+    """The block's output from cached (routing-weighted) activations; equals moe.forward(x)."""
+    y = routed @ moe.mlp.down.float().T
+    if shared is not None:
+        y = y + shared @ moe.shared.down.float().T
+    return y if moe.bias is None else y + moe.bias
+
+
+def refit_down(moe: MoeLayer, routed: torch.Tensor, shared: torch.Tensor | None, target: torch.Tensor,
+               ridge: float) -> None:
     """Closed-form ridge refit of every down column (routed and shared) so the routed block's output
-    matches the dense MLP's on the calibration tokens; pulls towards the original weights."""
-    parts = [activations(moe.mlp, x) * moe.neuron_weights(x)]
-    downs = [moe.mlp.down.float()]
-    if moe.shared is not None:
-        parts.append(activations(moe.shared, x))
-        downs.append(moe.shared.down.float())
-    a = torch.cat(parts, dim=1).double()
-    w0 = torch.cat(downs, dim=1).double()
-    gram = a.T @ a
+    matches the dense MLP's on the calibration tokens, given the routing-weighted activations;
+    the ridge pulls towards the original weights."""
+    a = routed if shared is None else torch.cat([routed, shared], dim=1)
+    w0 = moe.mlp.down.double() if shared is None else torch.cat([moe.mlp.down, moe.shared.down], dim=1).double()
+    gram = (a.T @ a).double()  # fp32 products, fp64 solve
     lam = ridge * float(gram.diagonal().mean())
     gram.diagonal().add_(lam)
-    w = torch.linalg.solve(gram, a.T @ target.double() + lam * w0.T).T.float()
-    routed = moe.mlp.width
-    moe.mlp = DenseMLP(moe.mlp.gate, moe.mlp.up, w[:, :routed].contiguous(), moe.mlp.activation)
-    if moe.shared is not None:
-        moe.shared = DenseMLP(moe.shared.gate, moe.shared.up, w[:, routed:].contiguous(), moe.shared.activation)
+    w = torch.linalg.solve(gram, (a.T @ target).double() + lam * w0.T).T.float()
+    width = moe.mlp.width
+    moe.mlp = DenseMLP(moe.mlp.gate, moe.mlp.up, w[:, :width].contiguous(), moe.mlp.activation)
+    if shared is not None:
+        moe.shared = DenseMLP(moe.shared.gate, moe.shared.up, w[:, width:].contiguous(), moe.shared.activation)
 
 
 def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
