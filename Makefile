@@ -7,7 +7,7 @@ RECIPE ?= mlpmoe
 WINDOWS ?= 40
 OUT ?= out/demo-$(RECIPE)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-carve clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ test: setup
 bench: setup
 	$(BIN)/python scripts/bench_convert.py
 	$(BIN)/python scripts/bench_slice_curve.py
+
+bench-carve: setup  # ~40 min on 2 cores: the carve table of docs/BENCHMARKS.md
+	$(BIN)/python scripts/bench_carve.py --windows 40 --samples 16 --json docs/bench_carve.json
 
 clean:
 	rm -rf out .pytest_cache

@@ -171,14 +171,15 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
         raise BadInput(f"{ckpt.path} lacks MLP weight {missing[0]!r} (and {len(missing) - 1} more) that a "
                        f"{adapter.model_type} model must have. The checkpoint is incomplete or not "
                        f"{adapter.model_type}.")
+    for transform in transforms:
+        if calibration and transform.preview_samples():
+            _preview(ckpt, info, mlp_names, calibration, transform)
     runner = calibration.runner(ckpt, adapter) if calibration else None
     writer = ShardedWriter(tmp, shard_bytes)
     blocks, stats = {}, {}
     with progress("convert layers", num_layers) as advance:
         for layer, names in enumerate(mlp_names):
-            weights = {role: _finite(ckpt, name) for role, name in names.items()}
-            block: DenseMLP | MoeLayer = DenseMLP(weights.get("gate"), weights["up"], weights["down"],
-                                                   adapter.activation(info.config))
+            block: DenseMLP | MoeLayer = _dense_mlp(ckpt, info, names)
             inputs = runner.mlp_inputs(layer) if runner else None
             if inputs is not None and not torch.isfinite(inputs).all():
                 raise CheckFailed(f"the MLP inputs of layer {layer} on the calibration data contain NaN or Inf; "
@@ -206,6 +207,24 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
     ckpt.release()
     writer.close()
     return blocks, stats
+
+
+def _preview(ckpt: Checkpoint, info: SourceInfo, mlp_names: list[dict], calibration: Calibration,
+             transform) -> None:
+    """A dense pass over a few calibration samples, showing the transform every layer before it rewrites any."""
+    runner = calibration.runner(ckpt, info.adapter, transform.preview_samples())
+    with progress(f"{transform.name}: preview layers", len(mlp_names)) as advance:
+        for layer, names in enumerate(mlp_names):
+            mlp = _dense_mlp(ckpt, info, names)
+            inputs = runner.mlp_inputs(layer)
+            transform.preview(layer, mlp, inputs)
+            runner.advance(mlp.forward)
+            advance()
+
+
+def _dense_mlp(ckpt: Checkpoint, info: SourceInfo, names: dict[str, str]) -> DenseMLP:
+    weights = {role: _finite(ckpt, name) for role, name in names.items()}
+    return DenseMLP(weights.get("gate"), weights["up"], weights["down"], info.adapter.activation(info.config))
 
 
 def _finite(ckpt: Checkpoint, name: str) -> torch.Tensor:

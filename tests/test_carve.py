@@ -161,3 +161,15 @@ def test_reported_errors_are_those_of_the_block_that_is_written():
     error = float((moe.forward(x) - dense).pow(2).sum() / dense.pow(2).sum())
     assert moe.stats["rel_error_final"] == pytest.approx(error, rel=1e-3, abs=1e-5)
     assert moe.stats["rel_error_final"] < moe.stats["rel_error"]
+
+
+def test_adaptive_budget_keeps_the_mean_and_goes_native(tiny, text_file, tmp_path):
+    path = tiny("llama", num_hidden_layers=4, intermediate_size=256)
+    record = _carve(path, text_file, tmp_path / "out", "transforms.0.carve.experts=8",
+                    "transforms.0.carve.top_k=3", "transforms.0.carve.budget=adaptive",
+                    "transforms.0.carve.budget_samples=2")
+    ks = [layer["top_k"] for layer in record["layers"].values()]
+    assert sum(ks) == 4 * 3 and all(1 <= k <= 8 for k in ks)
+    assert record["format"]["name"] == "native" and "same number of experts" in record["format"]["reason"]
+    code, _, stderr = run_cli("validate", tmp_path / "out")
+    assert code == 0, stderr

@@ -19,10 +19,12 @@ class Calibration:
     device: str
     record: dict  # provenance for moefy.json
 
-    def runner(self, ckpt, adapter):
+    def runner(self, ckpt, adapter, samples: int | None = None):
+        """A layer-by-layer runner over all samples, or over the first `samples` (spread evenly anyway)."""
         from moefy.calib.layerwise import LayerwiseRunner
 
-        return LayerwiseRunner(ckpt, adapter, self.tokens, batch_size=self.batch_size, device=self.device)
+        tokens = self.tokens if samples is None else self.tokens[: max(1, samples)]
+        return LayerwiseRunner(ckpt, adapter, tokens, batch_size=self.batch_size, device=self.device)
 
 
 def load_calibration(ckpt, spec: str, samples: int, seq_len: int, *, mode: str = "sequential", batch_size: int = 8,

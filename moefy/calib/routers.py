@@ -10,10 +10,14 @@ import torch
 
 
 def expert_output_norms(h: torch.Tensor, down: torch.Tensor, widths: list[int]) -> torch.Tensor:
-    """‖expert_e(x_t)‖ for every token and expert, [T, E], from intermediate activations h [T, I]."""
+    """‖expert_e(x_t)‖ for every token and expert, [T, E], from intermediate activations h [T, I].
+
+    ‖h_e W_eᵀ‖² = h_e (W_eᵀ W_e) h_eᵀ: an I_e × I_e Gram per expert instead of an H-wide output.
+    """
     norms, start = [], 0
     for w in widths:
-        norms.append((h[:, start:start + w] @ down[:, start:start + w].T).norm(dim=1))
+        h_e, w_e = h[:, start:start + w], down[:, start:start + w]
+        norms.append(((h_e @ (w_e.T @ w_e)) * h_e).sum(1).clamp(min=0).sqrt())
         start += w
     return torch.stack(norms, dim=1)
 

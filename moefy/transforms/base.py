@@ -67,6 +67,13 @@ class Transform:
     def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
         raise NotImplementedError
 
+    def preview_samples(self) -> int:
+        """Calibration samples for a dense preview pass over every layer before any is rewritten (0: none)."""
+        return 0
+
+    def preview(self, layer: int, mlp: DenseMLP, inputs: torch.Tensor) -> None:
+        """One layer of the preview pass: the dense MLP and its inputs (model-wide decisions, e.g. budgets)."""
+
     def apply(self, layer: int, current: DenseMLP | MoeLayer, inputs: torch.Tensor | None = None) -> MoeLayer:
         """Rewrite one layer. `inputs` [T, H]: the layer's MLP inputs on the calibration tokens (after the
         earlier layers were already transformed), given when the pipeline calibrates, else None."""

@@ -54,6 +54,9 @@ class CarveOptions(Options):
     max_tokens: int = Field(8192, ge=16, description="calibration tokens used for router fits and compensation")
     cluster_tokens: int = Field(2048, ge=16, description="tokens in each neuron's profile for clustering")
     kmeans_init: int = Field(3, ge=1, description="k-means restarts")
+    budget: Literal["uniform", "adaptive"] = Field(
+        "uniform", description="top_k in every layer, or per layer at the same mean (native; see docs/CARVE.md)")
+    budget_samples: int = Field(8, ge=1, description="calibration samples of the dense preview pass (adaptive)")
 
 
 class Carve(Transform):
@@ -75,6 +78,8 @@ class Carve(Transform):
             raise BadInput(f"carve.experts={o.experts} does not divide the MLP width {width}; experts have equal "
                            f"widths. Divisors of {width}: {', '.join(map(str, divisors[:24]))}.")
         layers = self._num_layers = source.adapter.num_layers(source.config)
+        self._loss_curves: dict[int, list[float]] = {}  # adaptive budget: filled by preview()
+        self._allocation: dict[int, int] | None = None
         bad = [i for i in o.dense_layers if not -layers <= i < layers]
         if bad:
             raise BadInput(f"carve.dense_layers has {bad[0]}, outside the model's {layers} layers.")
@@ -86,7 +91,38 @@ class Carve(Transform):
         layers = source.adapter.num_layers(source.config)
         return LayerPlan(num_experts=o.experts - o.shared, expert_width=source.mlp_width // o.experts,
                          scoring="softmax", top_k=o.top_k, combine=o.combine, shared=o.shared > 0,
-                         bias=o.compensation.bias, dense_layers=self._dense(layers))
+                         bias=o.compensation.bias, same_top_k=o.budget == "uniform", dense_layers=self._dense(layers))
+
+    def preview_samples(self) -> int:
+        return self.options.budget_samples if self.options.budget == "adaptive" else 0
+
+    def preview(self, layer: int, mlp: DenseMLP, inputs: torch.Tensor) -> None:
+        """Adaptive budget, step 1: how much of each token's MLP output mass a layer loses when it keeps
+        its best (S + k)·I/E neurons, for every k (sum-of-squares proxy of the contributions)."""
+        o = self.options
+        if layer in self._dense(self._num_layers):
+            return
+        h = activations(mlp, inputs[: o.cluster_tokens])
+        mass = (h.abs() * mlp.down.float().norm(dim=0)).pow(2).sort(dim=1, descending=True).values
+        kept = mass.cumsum(1) / mass.sum(1, keepdim=True).clamp(min=1e-30)
+        width = mlp.width // o.experts
+        counts = [(o.shared + k) * width for k in range(0, o.experts - o.shared + 1)]
+        self._loss_curves[layer] = [float(1 - kept[:, n - 1].mean()) if n else 1.0 for n in counts]
+
+    def _layer_top_k(self, layer: int) -> int:
+        """Uniform top_k, or step 2 of the adaptive budget: greedy allocation of the model's L·top_k
+        routed slots, each to the layer whose proxy loss it lowers most (at least 1 per layer)."""
+        if self.options.budget == "uniform":
+            return self.options.top_k
+        if self._allocation is None:
+            curves = self._loss_curves
+            alloc = {i: 1 for i in curves}
+            for _ in range(len(curves) * (self.options.top_k - 1)):
+                gains = {i: c[alloc[i]] - c[alloc[i] + 1] for i, c in curves.items() if alloc[i] + 1 < len(c)}
+                best = max(gains, key=lambda i: (gains[i], -i))
+                alloc[best] += 1
+            self._allocation = alloc
+        return self._allocation[layer]
 
     def _dense(self, layers: int) -> tuple[int, ...]:
         return tuple(sorted({i % layers for i in self.options.dense_layers}))
@@ -110,22 +146,23 @@ class Carve(Transform):
         groups, reps = balanced_clusters(profiles, o.experts - o.shared, width, o.kmeans_init, self.seed)
         groups = [routed_idx[g] for g in groups]
         experts = torch.cat(groups)
-        moe = MoeLayer(mlp=mlp.neurons(experts), widths=[width] * len(groups), scoring="softmax", top_k=o.top_k,
+        top_k = self._layer_top_k(layer)
+        moe = MoeLayer(mlp=mlp.neurons(experts), widths=[width] * len(groups), scoring="softmax", top_k=top_k,
                        combine="unit", shared=mlp.neurons(shared_idx) if o.shared else None)
         h_routed = h[:, experts]
         oracle = expert_output_norms(h_routed, moe.mlp.down.float(), moe.widths)
-        if o.top_k == len(groups):  # every expert on every token: a zero router makes it exact in any format
+        if top_k == len(groups):  # every expert on every token: a zero router makes it exact in any format
             moe.router = torch.zeros(len(groups), mlp.up.shape[1])
         else:
-            moe.router = self._router(sample, oracle, mlp, routed_idx[reps], groups)
+            moe.router = self._router(sample, oracle, mlp, routed_idx[reps], top_k)
         logits = sample @ moe.router.T
-        stats = {"router_recall": round(top_k_recall(logits, oracle, o.top_k), 4)}
+        stats = {"router_recall": round(top_k_recall(logits, oracle, top_k), 4)}
         if o.combine == "renormalize":
             spread = float(logits.std())
             scale = 2.0 ** math.floor(math.log2(o.router_temperature / spread)) if spread > 0 else 1.0
             moe.router = moe.router * scale  # a power of two: the ranking is unchanged bit for bit
             moe.combine = "renormalize"
-            moe.scales = torch.full((moe.num_experts,), float(o.top_k))
+            moe.scales = torch.full((moe.num_experts,), float(top_k))
         dense_out = h @ mlp.down.float().T
         routed = h_routed * moe.neuron_weights(sample)  # what each kept neuron feeds the down projection
         shared = h[:, shared_idx] if o.shared else None
@@ -157,13 +194,13 @@ class Carve(Transform):
             return features.mean(0)  # activation rate, as in CMoE
         return (h.abs() * mlp.down.float().norm(dim=0)).mean(0)  # mean contribution
 
-    def _router(self, x, oracle, mlp: DenseMLP, representatives, groups) -> torch.Tensor:
+    def _router(self, x, oracle, mlp: DenseMLP, representatives, top_k: int) -> torch.Tensor:
         router = self.options.router
         if router == "representative":
             rows = mlp.gate if mlp.gated else mlp.up
             return rows[representatives].float()
         if router == "centroid":
-            return centroid_router(x, oracle, self.options.top_k)
+            return centroid_router(x, oracle, top_k)
         return ridge_router(x, oracle)
 
 
@@ -175,11 +212,10 @@ def balanced_clusters(profiles: torch.Tensor, clusters: int, size: int, n_init: 
     from scipy.optimize import linear_sum_assignment
     from sklearn.cluster import KMeans
 
-    data = profiles.double().numpy()
+    data = profiles.float().numpy()
     km = KMeans(n_clusters=clusters, n_init=n_init, random_state=seed).fit(data)
-    centers = km.cluster_centers_
-    dist = ((data[:, None, :] - centers[None]) ** 2).sum(-1) if data.shape[0] * clusters * data.shape[1] < 5e7 \
-        else (data ** 2).sum(1)[:, None] - 2 * data @ centers.T + (centers ** 2).sum(1)[None]
+    data, centers = data.astype(np.float64), km.cluster_centers_.astype(np.float64)
+    dist = (data ** 2).sum(1)[:, None] - 2 * data @ centers.T + (centers ** 2).sum(1)[None]
     rows, cols = linear_sum_assignment(np.repeat(dist, size, axis=1))
     label = cols[np.argsort(rows)] // size
     groups, reps = [], []
