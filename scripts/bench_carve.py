@@ -69,6 +69,52 @@ def neuron_oracle_ppl(source: str, windows: torch.Tensor, fraction: float) -> fl
     return perplexity(model, windows, 4, label="neuron-oracle")["ppl"]
 
 
+def markdown(report: dict) -> str:
+    """The carve table and a mermaid line chart (Δppl by active fraction) of a --json report."""
+    lines = [f"Dense ppl {report['dense_ppl']:.4f} ({report['windows']}×512 windows); calibration "
+             f"{report['samples']}×512 tokens.", "",
+             "| method | MLP active | ppl | Δppl % | router recall | rel. error → after compensation |",
+             "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        extra = (f"{r['router_recall']:.3f} | {r['rel_error']:.3f} → {r['rel_error_final']:.3f}"
+                 if "router_recall" in r else "– | –")
+        lines.append(f"| {r['name']} | {r['active']:.3f} | {r['ppl']:.2f} | {r['delta_pct']:+.1f} | {extra} |")
+    return "\n".join(lines)
+
+
+SERIES = {"carve (moefy)": ("#1f77b4", lambda n: n.startswith("carve-") and " " not in n),
+          "CMoE-faithful": ("#d62728", lambda n: n.startswith("cmoe")),
+          "per-token neuron oracle": ("#2ca02c", lambda n: n.startswith("neuron-oracle"))}
+
+
+def svg_chart(report: dict) -> str:
+    """Δppl % (log scale) against MLP active fraction, one line per method family; plain SVG, no deps."""
+    width, height, left, top, plot_w, plot_h = 560, 340, 60, 20, 470, 270
+    lo, hi = 1.0, 10 ** math.ceil(math.log10(max(r["delta_pct"] for r in report["rows"])))
+    x = lambda f: left + (f - 0.2) / 0.6 * plot_w  # noqa: E731 - fractions 0.2 … 0.8
+    y = lambda d: top + plot_h * (1 - (math.log10(max(d, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)))  # noqa: E731,E501
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
+    for exp in range(0, int(math.log10(hi)) + 1):
+        yy = y(10 ** exp)
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{10 ** exp:g}%</text>')
+    for f in (0.25, 0.375, 0.5, 0.75):
+        out.append(f'<text x="{x(f):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{f:g}</text>')
+    out.append(f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">MLP active fraction</text>'
+               f'<text x="14" y="{top + plot_h / 2}" transform="rotate(-90 14 {top + plot_h / 2})" '
+               f'text-anchor="middle">Δppl % (log)</text>')
+    for i, (label, (color, match)) in enumerate(SERIES.items()):
+        points = sorted((r["active"], r["delta_pct"]) for r in report["rows"] if match(r["name"]))
+        path = " ".join(f"{x(f):.1f},{y(d):.1f}" for f, d in points)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        out += [f'<circle cx="{x(f):.1f}" cy="{y(d):.1f}" r="3" fill="{color}"/>' for f, d in points]
+        out.append(f'<text x="{left + plot_w - 150}" y="{top + 14 + 14 * i}" fill="{color}">{label}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+
 def layer_mean(layers: list[dict], key: str) -> float:
     return sum(layer.get(key, math.nan) for layer in layers) / max(1, len(layers))
 
@@ -92,7 +138,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="row names to run")
     parser.add_argument("--row", action="append", default=[], help="extra row: NAME=YAML transform list")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path,
+                        help="print the docs/BENCHMARKS.md table of a --json file and write its chart beside it (.svg)")
     args = parser.parse_args()
+    if args.markdown:
+        report = json.loads(args.markdown.read_text())
+        args.markdown.with_suffix(".svg").write_text(svg_chart(report))
+        print(markdown(report))
+        return
     set_quiet(True)
     torch.manual_seed(0)
     import yaml

@@ -30,6 +30,9 @@ from moefy.moe.layer import DenseMLP, MoeLayer, activations
 from moefy.transforms.base import LayerPlan, Options, SourceInfo, Transform
 
 
+DIAGNOSTIC_TOKENS = 2048  # calibration tokens the reported reconstruction errors are measured on
+
+
 class CompensationOptions(Options):
     refit_down: bool = Field(False, description="least-squares refit of down_proj under the routing mask")
     bias: bool = Field(False, description="output bias = mean of what the dropped experts contribute (native)")
@@ -128,6 +131,7 @@ class Carve(Transform):
         return tuple(sorted({i % layers for i in self.options.dense_layers}))
 
     def apply(self, layer: int, current: DenseMLP | MoeLayer, inputs: torch.Tensor | None = None):
+        """Carve one dense MLP from its calibration inputs (steps 1–7 of the module docstring)."""
         if inputs is None:
             raise BadInput("carve needs calibration data: pass --calib FILE or set calibration.dataset.")
         o = self.options
@@ -166,12 +170,12 @@ class Carve(Transform):
         dense_out = h @ mlp.down.float().T
         routed = h_routed * moe.neuron_weights(sample)  # what each kept neuron feeds the down projection
         shared = h[:, shared_idx] if o.shared else None
-        stats["rel_error"] = round(_rel_error(_output(moe, routed, shared), dense_out), 5)
+        stats["rel_error"] = _rel_error(moe, routed, shared, dense_out)
         if o.compensation.refit_down:
             refit_down(moe, routed, shared, dense_out, o.compensation.ridge)
         if o.compensation.bias:
             moe.bias = (dense_out - _output(moe, routed, shared)).mean(0)
-        stats["rel_error_final"] = round(_rel_error(_output(moe, routed, shared), dense_out), 5)
+        stats["rel_error_final"] = _rel_error(moe, routed, shared, dense_out)
         load = moe.route(sample).gt(0).float().mean(0)
         stats["expert_load_max_over_mean"] = round(float(load.max() / load.mean()), 3)
         stats["calibration_tokens"] = int(sample.shape[0])
@@ -251,5 +255,9 @@ def refit_down(moe: MoeLayer, routed: torch.Tensor, shared: torch.Tensor | None,
         moe.shared = DenseMLP(moe.shared.gate, moe.shared.up, w[:, width:].contiguous(), moe.shared.activation)
 
 
-def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y - ref).pow(2).sum() / ref.pow(2).sum())
+def _rel_error(moe: MoeLayer, routed: torch.Tensor, shared: torch.Tensor | None, dense: torch.Tensor,
+               tokens: int = DIAGNOSTIC_TOKENS) -> float:
+    """‖y − y_dense‖² / ‖y_dense‖² of the block on the first `tokens` (random) calibration tokens."""
+    y = _output(moe, routed[:tokens], None if shared is None else shared[:tokens])
+    ref = dense[:tokens]
+    return round(float((y - ref).pow(2).sum() / ref.pow(2).sum()), 5)
