@@ -90,12 +90,12 @@ SERIES = {"carve (moefy)": ("#1f77b4", lambda n: n.startswith("carve-") and " " 
 def svg_chart(report: dict) -> str:
     """Δppl % (log scale) against MLP active fraction, one line per method family; plain SVG, no deps."""
     width, height, left, top, plot_w, plot_h = 560, 340, 60, 20, 470, 270
-    lo, hi = 1.0, 10 ** math.ceil(math.log10(max(r["delta_pct"] for r in report["rows"])))
+    lo, hi = 0.1, 10 ** math.ceil(math.log10(max(r["delta_pct"] for r in report["rows"])))
     x = lambda f: left + (f - 0.2) / 0.6 * plot_w  # noqa: E731 - fractions 0.2 … 0.8
     y = lambda d: top + plot_h * (1 - (math.log10(max(d, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)))  # noqa: E731,E501
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
-    for exp in range(0, int(math.log10(hi)) + 1):
+    for exp in range(-1, int(math.log10(hi)) + 1):
         yy = y(10 ** exp)
         out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#ddd"/>'
                    f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{10 ** exp:g}%</text>')
