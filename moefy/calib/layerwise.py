@@ -6,7 +6,9 @@ code passes to each decoder layer (masks, position embeddings), so no architectu
 re-implemented here.  Then, layer by layer: load its weights, run every calibration sample with the
 MLP swapped for a probe that records its input and adds nothing, hand those inputs to the
 transforms, and add the *transformed* MLP's output back (sequential mode: later layers see earlier
-layers' errors) or the dense MLP's (independent mode).
+layers' errors) or the dense MLP's (independent mode).  This relies on the MLP output being added
+to the residual stream as is (pre-norm decoders, parallel attention+MLP); families with a norm after
+the MLP (Gemma 2/3, not supported yet) will need that norm applied in `advance`.
 """
 
 from __future__ import annotations
@@ -83,10 +85,6 @@ class LayerwiseRunner:
         self._layer: nn.Module | None = None
         self._partial: list[torch.Tensor] = []
         self._inputs: list[torch.Tensor] = []
-
-    @property
-    def num_layers(self) -> int:
-        return len(self._meta_layers)
 
     def _materialize(self, module: nn.Module, prefix: str, skip: str | None = None) -> None:
         """Give a meta module real fp32 storage: the model's own init (rotary tables, embedding scales),
