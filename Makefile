@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
+CALIB ?= ../shared/data/wikitext-2/valid.txt
 RECIPE ?= mlpmoe
 WINDOWS ?= 40
 OUT ?= out/demo-$(RECIPE)
@@ -21,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/moefy convert demo -r $(RECIPE) -o $(OUT) --force
+	$(BIN)/moefy convert demo -r $(RECIPE) -o $(OUT) --force --calib $(CALIB)
 	$(BIN)/moefy eval $(OUT) --baseline demo --dataset $(DATA) --max-windows $(WINDOWS)
 
 test: setup
