@@ -112,7 +112,7 @@ class MoeLayer:
         x = x.float()
         y = activations(self.mlp, x) * self.neuron_weights(x) @ self.mlp.down.float().T
         if self.shared is not None:
-            y = y + activations(self.shared, x) @ self.shared.down.float().T
+            y = y + self.shared.forward(x)
         if self.bias is not None:
             y = y + self.bias.float()
         return y

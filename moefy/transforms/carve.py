@@ -106,7 +106,7 @@ class Carve(Transform):
         if layer in self._dense(self._num_layers):
             return
         h = activations(mlp, inputs[: o.cluster_tokens])
-        mass = (h.abs() * mlp.down.float().norm(dim=0)).pow(2).sort(dim=1, descending=True).values
+        mass = contributions(h, mlp).pow(2).sort(dim=1, descending=True).values
         kept = mass.cumsum(1) / mass.sum(1, keepdim=True).clamp(min=1e-30)
         width = mlp.width // o.experts
         counts = [(o.shared + k) * width for k in range(0, o.experts - o.shared + 1)]
@@ -142,8 +142,9 @@ class Carve(Transform):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
         sample = inputs[torch.randperm(inputs.shape[0], generator=generator)[: o.max_tokens]]
         h = activations(mlp, sample)
-        features = self._features(h, mlp)
-        order = torch.argsort(self._shared_score(h, mlp, features), descending=True)
+        contribution = contributions(h, mlp)
+        features = self._features(h, contribution)
+        order = torch.argsort(self._shared_score(contribution, features), descending=True)
         shared_idx = torch.sort(order[: o.shared * width]).values
         routed_idx = torch.sort(order[o.shared * width:]).values
         profiles = features[: o.cluster_tokens, routed_idx].T
@@ -182,21 +183,19 @@ class Carve(Transform):
         moe.stats = stats
         return moe
 
-    def _features(self, h: torch.Tensor, mlp: DenseMLP) -> torch.Tensor:
+    def _features(self, h: torch.Tensor, contribution: torch.Tensor) -> torch.Tensor:
         """[T, I] profile of each neuron over the calibration tokens."""
         o = self.options
         if o.features == "markers":
             k = max(1, round(o.marker_fraction * h.shape[1]))
             return torch.zeros_like(h).scatter(1, h.abs().topk(k, dim=1).indices, 1.0)
-        magnitude = h.abs()
-        if o.features == "contribution":
-            magnitude = magnitude * mlp.down.float().norm(dim=0)
+        magnitude = contribution if o.features == "contribution" else h.abs()
         return magnitude / magnitude.norm(dim=0).clamp(min=1e-12)
 
-    def _shared_score(self, h: torch.Tensor, mlp: DenseMLP, features: torch.Tensor) -> torch.Tensor:
+    def _shared_score(self, contribution: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         if self.options.features == "markers":
             return features.mean(0)  # activation rate, as in CMoE
-        return (h.abs() * mlp.down.float().norm(dim=0)).mean(0)  # mean contribution
+        return contribution.mean(0)
 
     def _router(self, x, oracle, mlp: DenseMLP, representatives, top_k: int) -> torch.Tensor:
         router = self.options.router
@@ -206,6 +205,11 @@ class Carve(Transform):
         if router == "centroid":
             return centroid_router(x, oracle, top_k)
         return ridge_router(x, oracle)
+
+
+def contributions(h: torch.Tensor, mlp: DenseMLP) -> torch.Tensor:
+    """|h_i|·‖down_:,i‖ per token and neuron [T, I]: how much each neuron adds to the output's norm."""
+    return h.abs() * mlp.down.float().norm(dim=0)
 
 
 def balanced_clusters(profiles: torch.Tensor, clusters: int, size: int, n_init: int, seed: int):
