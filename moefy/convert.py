@@ -17,7 +17,7 @@ import torch
 
 import moefy
 from moefy.arch import adapter_for
-from moefy.calib import Calibration, load_calibration
+from moefy.calib import Calibration, load_calibration, text_runner
 from moefy.errors import BadInput, CheckFailed
 from moefy.export import FORMATS, choose_format
 from moefy.io.checkpoint import Checkpoint, open_source
@@ -26,7 +26,7 @@ from moefy.moe.layer import DenseMLP, MoeLayer
 from moefy.progress import log, progress
 from moefy.recipe import Recipe
 from moefy.summary import summarize
-from moefy.transforms.base import LayerPlan, SourceInfo
+from moefy.transforms.base import LayerData, LayerPlan, Preview, SourceInfo, read_mlp
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,7 +62,7 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
     out_dtype = source_dtype(ckpt) if out_dtype == "auto" else out_dtype
     log(f"source {ckpt.origin} ({adapter.model_type}, {adapter.num_layers(ckpt.config)} layers) → "
         f"{choice.format.name} [{choice.reason}], {out_dtype}")
-    calibration = _calibration(ckpt, transforms, recipe, calib, device, dry_run)
+    calibration = _calibration(ckpt, info, transforms, recipe, calib, device, dry_run)
     if dry_run:
         return {"dry_run": True, "format": choice.format.name, "format_reason": choice.reason, "plan": vars(plan)}
     check_output_path(out, force, sources=[ckpt.path])
@@ -94,7 +94,7 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
     return record
 
 
-def _calibration(ckpt: Checkpoint, transforms, recipe: Recipe, calib: str | None, device: str,
+def _calibration(ckpt: Checkpoint, info: SourceInfo, transforms, recipe: Recipe, calib: str | None, device: str,
                  dry_run: bool) -> Calibration | None:
     """Calibration tokens when a transform needs them (checked, not tokenized, on a dry run)."""
     users = [t.name for t in transforms if t.needs_calibration]
@@ -106,11 +106,17 @@ def _calibration(ckpt: Checkpoint, transforms, recipe: Recipe, calib: str | None
     if spec is None:
         raise BadInput(f"{', '.join(users)} needs calibration data: pass --calib FILE (.txt/.raw/.jsonl/hf:...) or "
                        f"set calibration.dataset in the recipe.")
+    c = recipe.calibration
+    for transform in transforms:
+        need = transform.min_calibration_tokens(info)
+        if c.samples * c.seq_len < need:
+            raise BadInput(f"{transform.name} needs at least {need:,} calibration tokens here, the recipe gives "
+                           f"{c.samples * c.seq_len:,} (calibration.samples {c.samples} × seq_len {c.seq_len}). "
+                           f"Raise calibration.samples.")
     if dry_run:
         return None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    c = recipe.calibration
     calibration = load_calibration(ckpt, spec, c.samples, c.seq_len, mode=c.mode, batch_size=c.batch_size,
                                    device=device)
     log(f"calibration: {c.samples} × {c.seq_len} tokens of {calibration.record['dataset']} ({c.mode}, {device})")
@@ -172,21 +178,23 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
                        f"{adapter.model_type} model must have. The checkpoint is incomplete or not "
                        f"{adapter.model_type}.")
     for transform in transforms:
-        if calibration and transform.preview_samples():
-            _preview(ckpt, info, mlp_names, calibration, transform)
+        request = transform.preview_request()
+        if request is not None:
+            _preview(ckpt, info, calibration, transform, request)
     runner = calibration.runner(ckpt, adapter) if calibration else None
     writer = ShardedWriter(tmp, shard_bytes)
     blocks, stats = {}, {}
     with progress("convert layers", num_layers) as advance:
-        for layer, names in enumerate(mlp_names):
-            block: DenseMLP | MoeLayer = _dense_mlp(ckpt, info, names)
+        for layer in range(num_layers):
+            block: DenseMLP | MoeLayer = read_mlp(ckpt, info, layer)
             inputs = runner.mlp_inputs(layer) if runner else None
             if inputs is not None and not torch.isfinite(inputs).all():
                 raise CheckFailed(f"the MLP inputs of layer {layer} on the calibration data contain NaN or Inf; "
                                   f"check the checkpoint's layers up to {layer} and the calibration text.")
             dense = block
+            data = LayerData(inputs, dense) if inputs is not None else None
             for transform in transforms:
-                block = transform.apply(layer, block, inputs)
+                block = transform.apply(layer, block, data)
             if runner:
                 runner.advance(block.forward if calibration.sequential else dense.forward)
             for out_name, out_tensor in fmt.layer_tensors(layer, block, info).items():
@@ -209,30 +217,23 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
     return blocks, stats
 
 
-def _preview(ckpt: Checkpoint, info: SourceInfo, mlp_names: list[dict], calibration: Calibration,
-             transform) -> None:
-    """A dense pass over a few calibration samples, showing the transform every layer before it rewrites any."""
-    runner = calibration.runner(ckpt, info.adapter, transform.preview_samples())
-    with progress(f"{transform.name}: preview layers", len(mlp_names)) as advance:
-        for layer, names in enumerate(mlp_names):
-            mlp = _dense_mlp(ckpt, info, names)
+def _preview(ckpt: Checkpoint, info: SourceInfo, calibration: Calibration | None,
+             transform, request: Preview) -> None:
+    """A dense pass over calibration samples or texts, showing the transform every layer before it rewrites any."""
+    if request.texts:
+        runner = text_runner(ckpt, info.adapter, list(request.texts), calibration.device if calibration else "cpu")
+    elif calibration is not None:
+        runner = calibration.runner(ckpt, info.adapter, request.samples)
+    else:
+        return  # dry run: nothing to preview
+    layers = info.adapter.num_layers(info.config)
+    with progress(f"{transform.name}: preview layers", layers) as advance:
+        for layer in range(layers):
+            mlp = read_mlp(ckpt, info, layer)
             inputs = runner.mlp_inputs(layer)
-            transform.preview(layer, mlp, inputs)
+            transform.preview(layer, mlp, list(inputs.split(runner.lengths)))
             runner.advance(mlp.forward)
             advance()
-
-
-def _dense_mlp(ckpt: Checkpoint, info: SourceInfo, names: dict[str, str]) -> DenseMLP:
-    weights = {role: _finite(ckpt, name) for role, name in names.items()}
-    return DenseMLP(weights.get("gate"), weights["up"], weights["down"], info.adapter.activation(info.config))
-
-
-def _finite(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    tensor = ckpt.get(name).float()
-    if not torch.isfinite(tensor).all():
-        raise CheckFailed(f"{name} in {ckpt.path} contains NaN or Inf; moefy will not convert a broken "
-                          f"checkpoint. Repair or re-download it.")
-    return tensor
 
 
 def model_card(record: dict) -> str:

@@ -10,11 +10,10 @@ from pathlib import Path
 
 from moefy.arch import adapter_for
 from moefy.calib import load_calibration
-from moefy.convert import _dense_mlp
 from moefy.io.checkpoint import open_source
 from moefy.recipe import load_recipe
 from moefy.transforms import carve as carve_module
-from moefy.transforms.base import SourceInfo
+from moefy.transforms.base import LayerData, SourceInfo, read_mlp
 
 CALIB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 LAYERS = 4
@@ -41,7 +40,8 @@ def main() -> None:
         t0 = time.perf_counter()
         x = runner.mlp_inputs(layer)
         t1 = time.perf_counter()
-        block = carve.apply(layer, _dense_mlp(ckpt, info, adapter.mlp_weight_names(layer)), x)
+        mlp = read_mlp(ckpt, info, layer)
+        block = carve.apply(layer, mlp, LayerData(x, mlp))
         t2 = time.perf_counter()
         runner.advance(block.forward)
         t3 = time.perf_counter()

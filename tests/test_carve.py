@@ -147,7 +147,7 @@ def test_carve_needs_calibration_data(tiny, tmp_path, content):
 def test_reported_errors_are_those_of_the_block_that_is_written():
     """carve's diagnostics come from cached activations; they must equal the written block's forward."""
     from moefy.moe.layer import DenseMLP
-    from moefy.transforms.base import SourceInfo
+    from moefy.transforms.base import LayerData, SourceInfo
     from moefy.transforms.carve import Carve, CarveOptions
 
     gen = torch.Generator().manual_seed(0)
@@ -156,7 +156,7 @@ def test_reported_errors_are_those_of_the_block_that_is_written():
     x = torch.randn(300, 16, generator=gen)
     carve = Carve(CarveOptions(experts=8, shared=2, top_k=2, compensation={"refit_down": True, "bias": True}))
     carve.check(SourceInfo(adapter_for({"model_type": "llama"}), {"intermediate_size": 64, "num_hidden_layers": 1}))
-    moe = carve.apply(0, mlp, x)
+    moe = carve.apply(0, mlp, LayerData(x, mlp))
     dense = mlp.forward(x)
     error = float((moe.forward(x) - dense).pow(2).sum() / dense.pow(2).sum())
     assert moe.stats["rel_error_final"] == pytest.approx(error, rel=1e-3, abs=1e-5)

@@ -24,7 +24,7 @@ class Calibration:
         from moefy.calib.layerwise import LayerwiseRunner
 
         tokens = self.tokens if samples is None else self.tokens[: max(1, samples)]
-        return LayerwiseRunner(ckpt, adapter, tokens, batch_size=self.batch_size, device=self.device)
+        return LayerwiseRunner(ckpt, adapter, list(tokens.split(self.batch_size)), device=self.device)
 
 
 def load_calibration(ckpt, spec: str, samples: int, seq_len: int, *, mode: str = "sequential", batch_size: int = 8,
@@ -44,3 +44,13 @@ def load_calibration(ckpt, spec: str, samples: int, seq_len: int, *, mode: str =
     record = {"dataset": data.name, "sha256": data.sha256, "samples": samples, "seq_len": seq_len,
               "tokens": samples * seq_len, "mode": mode}
     return Calibration(windows[pick], mode == "sequential", batch_size, device, record)
+
+
+def text_runner(ckpt, adapter, texts: list[str], device: str = "cpu"):
+    """A layer-by-layer runner over short texts (e.g. prompts), one sequence each."""
+    from moefy.calib.layerwise import LayerwiseRunner
+    from moefy.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(ckpt)
+    batches = [torch.tensor([tokenizer(text)["input_ids"]]) for text in texts]
+    return LayerwiseRunner(ckpt, adapter, batches, device=device)

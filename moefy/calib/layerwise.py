@@ -57,8 +57,8 @@ class LayerwiseRunner:
     then `advance(mlp)` with the function whose output continues to layer i+1.
     """
 
-    def __init__(self, ckpt: Checkpoint, adapter: ArchAdapter, tokens: torch.Tensor, batch_size: int = 8,
-                 device: str = "cpu"):
+    def __init__(self, ckpt: Checkpoint, adapter: ArchAdapter, batches: list[torch.Tensor], device: str = "cpu"):
+        """`batches`: token ids [b, L] each (the lengths may differ between batches)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         fields = {k: v for k, v in ckpt.config.items() if k not in ("architectures", "transformers_version")}
@@ -78,10 +78,11 @@ class LayerwiseRunner:
         base = self._model.get_submodule(base_name)
         self._materialize(base, base_name, skip=adapter.layers_prefix)
         with torch.inference_mode():
-            for start in range(0, tokens.shape[0], batch_size):
-                base(input_ids=tokens[start:start + batch_size].to(self.device))
+            for batch in batches:
+                base(input_ids=batch.to(self.device))
         self._hidden = [h for h, _ in catchers[0].calls]
         self._kwargs = [[kw for _, kw in c.calls] for c in catchers]
+        self.lengths = [batch.numel() for batch in batches]  # tokens per batch, in mlp_inputs order
         self._layer: nn.Module | None = None
         self._partial: list[torch.Tensor] = []
         self._inputs: list[torch.Tensor] = []

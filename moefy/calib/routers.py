@@ -6,6 +6,8 @@ what each expert actually contributes: ‖expert_e(x)‖, the norm of its output
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -20,6 +22,11 @@ def expert_output_norms(h: torch.Tensor, down: torch.Tensor, widths: list[int]) 
         norms.append(((h_e @ (w_e.T @ w_e)) * h_e).sum(1).clamp(min=0).sqrt())
         start += w
     return torch.stack(norms, dim=1)
+
+
+def expert_activation_mass(h: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """Σ |h_i| over each expert's neurons, [T, E]: the cheaper "activation-sum" oracle."""
+    return torch.stack([part.abs().sum(1) for part in h.split(widths, dim=1)], dim=1)
 
 
 def top_k_recall(scores: torch.Tensor, oracle: torch.Tensor, k: int) -> float:
@@ -45,3 +52,26 @@ def centroid_router(x: torch.Tensor, oracle: torch.Tensor, k: int) -> torch.Tens
     means = (best.T @ x) / best.sum(0).clamp(min=1)[:, None]
     rows = means - x.mean(0)
     return rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def routing_diagnostics(moe, x: torch.Tensor, oracle: torch.Tensor, mass: torch.Tensor) -> dict:
+    """How well `moe` routes tokens x [T, H]: top-k recall vs the oracle's output norms [T, E], the share of
+    the activation mass [T, E] its selected experts carry, and the expert load (max/mean, normalised entropy)."""
+    k = moe.top_k
+    selected = moe.route(x).ne(0)
+    load = selected.float().mean(0)
+    share = load / load.sum()
+    entropy = float(-(share * share.clamp(min=1e-30).log()).sum() / math.log(moe.num_experts))
+    return {"router_recall": round(top_k_recall(x @ moe.router.float().T, oracle, k), 4),
+            "mass_coverage": round(float((mass * selected).sum() / mass.sum().clamp(min=1e-30)), 4),
+            "expert_load_max_over_mean": round(float(load.max() / load.mean()), 3),
+            "expert_load_entropy": round(entropy, 4)}
+
+
+def scale_to_temperature(moe, x: torch.Tensor, temperature: float) -> None:
+    """Renormalised softmax routing whose top-k weights sit near 1/k: scale the router by the power of two
+    that brings the logits' std on x [T, H] to about `temperature` (the ranking is unchanged bit for bit)."""
+    spread = float((x @ moe.router.float().T).std())
+    scale = 2.0 ** math.floor(math.log2(temperature / spread)) if spread > 0 else 1.0
+    moe.router = moe.router * scale
+    moe.combine = "renormalize"

@@ -5,10 +5,12 @@ from __future__ import annotations
 from moefy.transforms.base import LayerPlan, SourceInfo, Transform
 from moefy.transforms.carve import Carve
 from moefy.transforms.slice import Slice
+from moefy.transforms.upcycle import Upcycle
 
 TRANSFORMS: dict[str, type[Transform]] = {
     Slice.name: Slice,
     Carve.name: Carve,
+    Upcycle.name: Upcycle,
 }
 
 __all__ = ["TRANSFORMS", "Transform", "LayerPlan", "SourceInfo"]

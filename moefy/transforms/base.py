@@ -2,9 +2,9 @@
 
 Lifecycle (llm-compressor style): `check(source)` validates options against the architecture
 before anything is written; `plan(prev)` says what the layers will look like so the export
-format can be chosen up front; `apply(layer, mlp, inputs)` rewrites one layer at a time, in layer
-order, so memory stays bounded by one layer (+ the calibration activations when a transform needs
-them: see moefy.calib).
+format can be chosen up front; an optional dense `preview` pass sees every layer before any is
+rewritten; `apply(layer, block, data)` rewrites one layer at a time, in layer order, so memory stays
+bounded by one layer (+ the calibration activations when a transform needs them: see moefy.calib).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from moefy.arch.base import ArchAdapter
+from moefy.errors import CheckFailed
 from moefy.moe.layer import DenseMLP, MoeLayer
 
 
@@ -42,6 +43,23 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class LayerData:
+    """What a calibrating transform sees of one layer."""
+
+    inputs: torch.Tensor  # [T, H] the layer's MLP inputs on the calibration tokens (earlier layers already rewritten)
+    teacher: DenseMLP  # the source's dense MLP of this layer
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A dense pass over every layer before any is rewritten: `samples` calibration samples, or `texts`
+    (one sequence each)."""
+
+    samples: int = 0
+    texts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SourceInfo:
     adapter: ArchAdapter
     config: dict
@@ -55,7 +73,6 @@ class Transform:
     name: ClassVar[str]
     Options: ClassVar[type[Options]]
     summary: ClassVar[str]
-    needs_calibration: ClassVar[bool] = False  # apply() then receives each layer's MLP inputs
 
     def __init__(self, options: Options, seed: int = 0):
         self.options = options
@@ -67,14 +84,34 @@ class Transform:
     def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
         raise NotImplementedError
 
-    def preview_samples(self) -> int:
-        """Calibration samples for a dense preview pass over every layer before any is rewritten (0: none)."""
-        return 0
+    @property
+    def needs_calibration(self) -> bool:
+        """apply() then receives each layer's LayerData."""
+        return False
 
-    def preview(self, layer: int, mlp: DenseMLP, inputs: torch.Tensor) -> None:
-        """One layer of the preview pass: the dense MLP and its inputs (model-wide decisions, e.g. budgets)."""
+    def min_calibration_tokens(self, source: SourceInfo) -> int:
+        """Fewest calibration tokens this transform can work with (checked before any work)."""
+        return 1 if self.needs_calibration else 0
 
-    def apply(self, layer: int, current: DenseMLP | MoeLayer, inputs: torch.Tensor | None = None) -> MoeLayer:
-        """Rewrite one layer. `inputs` [T, H]: the layer's MLP inputs on the calibration tokens (after the
-        earlier layers were already transformed), given when the pipeline calibrates, else None."""
+    def preview_request(self) -> Preview | None:
+        """Ask for a dense preview pass (model-wide decisions, e.g. budgets, prompt hidden states)."""
+        return None
+
+    def preview(self, layer: int, mlp: DenseMLP, inputs: list[torch.Tensor]) -> None:
+        """One layer of the preview pass: the dense MLP and its inputs, [L_i, H] per sequence."""
+
+    def apply(self, layer: int, current: DenseMLP | MoeLayer, data: LayerData | None = None) -> DenseMLP | MoeLayer:
+        """Rewrite one layer; `data` is given when the pipeline calibrates, else None."""
         raise NotImplementedError
+
+
+def read_mlp(ckpt, info: SourceInfo, layer: int) -> DenseMLP:
+    """Layer `layer`'s dense MLP from a checkpoint, in fp32, refusing NaN/Inf weights."""
+    weights = {}
+    for role, name in info.adapter.mlp_weight_names(layer).items():
+        tensor = ckpt.get(name).float()
+        if not torch.isfinite(tensor).all():
+            raise CheckFailed(f"{name} in {ckpt.path} contains NaN or Inf; moefy will not convert a broken "
+                              f"checkpoint. Repair or re-download it.")
+        weights[role] = tensor
+    return DenseMLP(weights.get("gate"), weights["up"], weights["down"], info.adapter.activation(info.config))

@@ -18,25 +18,17 @@ and exact in Mixtral / Qwen2-MoE.  See docs/CARVE.md.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from moefy.calib.routers import centroid_router, expert_output_norms, ridge_router, top_k_recall
+from moefy.calib.compensation import CompensationOptions, compensate
+from moefy.calib.routers import (centroid_router, expert_activation_mass, expert_output_norms, ridge_router,
+                                 routing_diagnostics, scale_to_temperature)
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, activations
-from moefy.transforms.base import LayerPlan, Options, SourceInfo, Transform
-
-
-DIAGNOSTIC_TOKENS = 2048  # calibration tokens the reported reconstruction errors are measured on
-
-
-class CompensationOptions(Options):
-    refit_down: bool = Field(False, description="least-squares refit of down_proj under the routing mask")
-    bias: bool = Field(False, description="output bias = mean of what the dropped experts contribute (native)")
-    ridge: float = Field(1e-3, gt=0, description="refit ridge, relative to the mean diagonal of the Gram matrix")
+from moefy.transforms.base import LayerData, LayerPlan, Options, Preview, SourceInfo, Transform
 
 
 class CarveOptions(Options):
@@ -66,7 +58,10 @@ class Carve(Transform):
     name = "carve"
     Options = CarveOptions
     summary = "activation-clustering carving: shared + balanced-clustered routed experts, training-free router"
-    needs_calibration = True
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
 
     def check(self, source: SourceInfo) -> None:
         o, width = self.options, source.mlp_width
@@ -96,16 +91,16 @@ class Carve(Transform):
                          scoring="softmax", top_k=o.top_k, combine=o.combine, shared=o.shared > 0,
                          bias=o.compensation.bias, same_top_k=o.budget == "uniform", dense_layers=self._dense(layers))
 
-    def preview_samples(self) -> int:
-        return self.options.budget_samples if self.options.budget == "adaptive" else 0
+    def preview_request(self) -> Preview | None:
+        return Preview(samples=self.options.budget_samples) if self.options.budget == "adaptive" else None
 
-    def preview(self, layer: int, mlp: DenseMLP, inputs: torch.Tensor) -> None:
+    def preview(self, layer: int, mlp: DenseMLP, inputs: list[torch.Tensor]) -> None:
         """Adaptive budget, step 1: how much of each token's MLP output mass a layer loses when it keeps
         its best (S + k)·I/E neurons, for every k (sum-of-squares proxy of the contributions)."""
         o = self.options
         if layer in self._dense(self._num_layers):
             return
-        h = activations(mlp, inputs[: o.cluster_tokens])
+        h = activations(mlp, torch.cat(inputs)[: o.cluster_tokens])
         mass = contributions(h, mlp).pow(2).sort(dim=1, descending=True).values
         kept = mass.cumsum(1) / mass.sum(1, keepdim=True).clamp(min=1e-30)
         width = mlp.width // o.experts
@@ -130,12 +125,13 @@ class Carve(Transform):
     def _dense(self, layers: int) -> tuple[int, ...]:
         return tuple(sorted({i % layers for i in self.options.dense_layers}))
 
-    def apply(self, layer: int, current: DenseMLP | MoeLayer, inputs: torch.Tensor | None = None):
-        """Carve one dense MLP from its calibration inputs (steps 1–7 of the module docstring)."""
-        if inputs is None:
+    def apply(self, layer: int, current: DenseMLP | MoeLayer, data: LayerData | None = None):
+        """Carve one dense MLP from its calibration inputs (steps 1–5 of the module docstring)."""
+        if data is None:
             raise BadInput("carve needs calibration data: pass --calib FILE or set calibration.dataset.")
         o = self.options
         mlp: DenseMLP = current
+        inputs = data.inputs
         width = mlp.width // o.experts
         if layer in self._dense(self._num_layers):
             return mlp
@@ -160,25 +156,13 @@ class Carve(Transform):
             moe.router = torch.zeros(len(groups), mlp.up.shape[1])
         else:
             moe.router = self._router(sample, oracle, mlp, routed_idx[reps], top_k)
-        logits = sample @ moe.router.T
-        stats = {"router_recall": round(top_k_recall(logits, oracle, top_k), 4)}
         if o.combine == "renormalize":
-            spread = float(logits.std())
-            scale = 2.0 ** math.floor(math.log2(o.router_temperature / spread)) if spread > 0 else 1.0
-            moe.router = moe.router * scale  # a power of two: the ranking is unchanged bit for bit
-            moe.combine = "renormalize"
+            scale_to_temperature(moe, sample, o.router_temperature)
             moe.scales = torch.full((moe.num_experts,), float(top_k))
+        stats = routing_diagnostics(moe, sample, oracle, expert_activation_mass(h_routed, moe.widths))
         dense_out = h @ mlp.down.float().T
-        routed = h_routed * moe.neuron_weights(sample)  # what each kept neuron feeds the down projection
-        shared = h[:, shared_idx] if o.shared else None
-        stats["rel_error"] = _rel_error(moe, routed, shared, dense_out)
-        if o.compensation.refit_down:
-            refit_down(moe, routed, shared, dense_out, o.compensation.ridge)
-        if o.compensation.bias:
-            moe.bias = (dense_out - _output(moe, routed, shared)).mean(0)
-        stats["rel_error_final"] = _rel_error(moe, routed, shared, dense_out)
-        load = moe.route(sample).gt(0).float().mean(0)
-        stats["expert_load_max_over_mean"] = round(float(load.max() / load.mean()), 3)
+        stats.update(compensate(moe, sample, h_routed, h[:, shared_idx] if o.shared else None, dense_out,
+                                o.compensation))
         stats["calibration_tokens"] = int(sample.shape[0])
         moe.stats = stats
         return moe
@@ -233,35 +217,3 @@ def balanced_clusters(profiles: torch.Tensor, clusters: int, size: int, n_init: 
         reps.append(int(members[np.argmin(dist[members, c])]))
     return groups, torch.tensor(reps)
 
-
-def _output(moe: MoeLayer, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
-    """The block's output from cached (routing-weighted) activations; equals moe.forward(x)."""
-    y = routed @ moe.mlp.down.float().T
-    if shared is not None:
-        y = y + shared @ moe.shared.down.float().T
-    return y if moe.bias is None else y + moe.bias
-
-
-def refit_down(moe: MoeLayer, routed: torch.Tensor, shared: torch.Tensor | None, target: torch.Tensor,
-               ridge: float) -> None:
-    """Closed-form ridge refit of every down column (routed and shared) so the routed block's output
-    matches the dense MLP's on the calibration tokens, given the routing-weighted activations;
-    the ridge pulls towards the original weights."""
-    a = routed if shared is None else torch.cat([routed, shared], dim=1)
-    w0 = moe.mlp.down.double() if shared is None else torch.cat([moe.mlp.down, moe.shared.down], dim=1).double()
-    gram = (a.T @ a).double()  # fp32 products, fp64 solve
-    lam = ridge * float(gram.diagonal().mean())
-    gram.diagonal().add_(lam)
-    w = torch.linalg.solve(gram, (a.T @ target).double() + lam * w0.T).T.float()
-    width = moe.mlp.width
-    moe.mlp = DenseMLP(moe.mlp.gate, moe.mlp.up, w[:, :width].contiguous(), moe.mlp.activation)
-    if shared is not None:
-        moe.shared = DenseMLP(moe.shared.gate, moe.shared.up, w[:, width:].contiguous(), moe.shared.activation)
-
-
-def _rel_error(moe: MoeLayer, routed: torch.Tensor, shared: torch.Tensor | None, dense: torch.Tensor,
-               tokens: int = DIAGNOSTIC_TOKENS) -> float:
-    """‖y − y_dense‖² / ‖y_dense‖² of the block on the first `tokens` (random) calibration tokens."""
-    y = _output(moe, routed[:tokens], None if shared is None else shared[:tokens])
-    ref = dense[:tokens]
-    return round(float((y - ref).pow(2).sum() / ref.pow(2).sum()), 5)
