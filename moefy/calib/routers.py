@@ -62,7 +62,7 @@ def routing_diagnostics(moe, x: torch.Tensor, oracle: torch.Tensor, mass: torch.
     load = selected.float().mean(0)
     share = load / load.sum()
     entropy = float(-(share * share.clamp(min=1e-30).log()).sum() / math.log(moe.num_experts))
-    return {"router_recall": round(top_k_recall(x @ moe.router.float().T, oracle, k), 4),
+    return {"router_recall": round(top_k_recall(moe.logits(x), oracle, k), 4),
             "mass_coverage": round(float((mass * selected).sum() / mass.sum().clamp(min=1e-30)), 4),
             "expert_load_max_over_mean": round(float(load.max() / load.mean()), 3),
             "expert_load_entropy": round(entropy, 4)}
@@ -71,7 +71,6 @@ def routing_diagnostics(moe, x: torch.Tensor, oracle: torch.Tensor, mass: torch.
 def scale_to_temperature(moe, x: torch.Tensor, temperature: float) -> None:
     """Renormalised softmax routing whose top-k weights sit near 1/k: scale the router by the power of two
     that brings the logits' std on x [T, H] to about `temperature` (the ranking is unchanged bit for bit)."""
-    spread = float((x @ moe.router.float().T).std())
-    scale = 2.0 ** math.floor(math.log2(temperature / spread)) if spread > 0 else 1.0
-    moe.router = moe.router * scale
+    spread = float(moe.logits(x).std())
+    moe.scale_router(2.0 ** math.floor(math.log2(temperature / spread)) if spread > 0 else 1.0)
     moe.combine = "renormalize"

@@ -94,6 +94,8 @@ class StandardMoeFormat(ExportFormat):
         if plan.bias:
             return (f"{self.name} experts have no output bias; this MoE has one (expected-output compensation): "
                     f"use native")
+        if plan.router_hidden:
+            return f"{self.name} routes with a linear gate; this MoE has an MLP router: use native"
         if not plan.same_top_k:
             return f"{self.name} activates the same number of experts in every layer; this MoE varies it: use native"
         if plan.shared and not self.has_shared:

@@ -41,6 +41,8 @@ class NativeFormat(ExportFormat):
                    f"{prefix}.expert_scales": block.scales}
         if block.router is not None:
             tensors[f"{prefix}.router.weight"] = block.router
+        if block.router_mlp is not None:
+            tensors[f"{prefix}.router_in.weight"], tensors[f"{prefix}.router_out.weight"] = block.router_mlp
         if block.shared is not None:
             tensors[f"{prefix}.shared.gate_up_proj"] = packed_gate_up(block.shared, [block.shared.width])
             tensors[f"{prefix}.shared.down_proj"] = block.shared.down

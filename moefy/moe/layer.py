@@ -71,6 +71,7 @@ class MoeLayer:
     combine: str = "unit"  # "unit" | "prob" | "renormalize"
     scales: torch.Tensor | None = None  # [E]; None means all ones
     router: torch.Tensor | None = None  # [E, H]
+    router_mlp: tuple[torch.Tensor, torch.Tensor] | None = None  # ([R, H], [E, R]): logits += silu(x W1ᵀ) W2ᵀ
     shared: DenseMLP | None = None
     bias: torch.Tensor | None = None  # [H] added to every token's output (expected-output compensation)
     stats: dict = field(default_factory=dict)
@@ -95,12 +96,25 @@ class MoeLayer:
         start = sum(self.widths[:e])
         return self.mlp.span(start, start + self.widths[e])
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] fp32: linear, plus the residual MLP router when there is one."""
+        logits = x.float() @ self.router.float().T
+        if self.router_mlp is not None:
+            w1, w2 = self.router_mlp
+            logits = logits + torch.nn.functional.silu(x.float() @ w1.float().T) @ w2.float().T
+        return logits
+
+    def scale_router(self, factor: float) -> None:
+        """Multiply the logits by `factor` (a power of two keeps their ranking bit for bit)."""
+        self.router = self.router * factor
+        if self.router_mlp is not None:
+            self.router_mlp = (self.router_mlp[0], self.router_mlp[1] * factor)
+
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token weight of every expert [T, E] fp32 (zero where not selected), scales included."""
         if self.scoring == "none":
             return self.scales.float().expand(x.shape[0], -1)
-        weights, experts = route(x.float() @ self.router.float().T, self.top_k, scoring=self.scoring,
-                                 combine=self.combine)
+        weights, experts = route(self.logits(x), self.top_k, scoring=self.scoring, combine=self.combine)
         return torch.zeros(x.shape[0], self.num_experts).scatter(1, experts, weights) * self.scales.float()
 
     def neuron_weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,4 +135,5 @@ class MoeLayer:
         """The native MoeBlock's config entry (see modeling_moefy.MoefyConfig)."""
         return {"widths": list(self.widths), "top_k": self.top_k, "scoring": self.scoring, "combine": self.combine,
                 "activation": self.mlp.activation, "gated": self.mlp.gated,
-                "shared_width": self.shared.width if self.shared is not None else 0, "bias": self.bias is not None}
+                "shared_width": self.shared.width if self.shared is not None else 0, "bias": self.bias is not None,
+                "router_hidden": self.router_mlp[0].shape[0] if self.router_mlp is not None else 0}

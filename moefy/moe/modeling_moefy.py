@@ -45,7 +45,8 @@ class MoefyConfig(PretrainedConfig):
 
     `moe_layers` maps a layer index (as a string) to a block spec: widths, top_k, scoring
     ("softmax" | "sigmoid" | "none" for a static all-experts MoE), combine ("unit" | "prob" |
-    "renormalize"), activation, gated, shared_width, bias (an output bias: expected-output compensation).
+    "renormalize"), activation, gated, shared_width, bias (an output bias: expected-output compensation),
+    router_hidden (width of a residual MLP router, 0: linear).
     """
 
     model_type = "moefy"
@@ -135,6 +136,9 @@ class MoeBlock(nn.Module):
         self.experts = PackedExperts(hidden, widths, self.gated, dtype)
         self.expert_scales = nn.Parameter(torch.ones(len(widths), dtype=dtype))
         self.router = nn.Linear(hidden, len(widths), bias=False, dtype=dtype) if self.scoring != "none" else None
+        router_hidden = spec.get("router_hidden", 0)  # a residual MLP router: logits += out(silu(in(x)))
+        self.router_in = nn.Linear(hidden, router_hidden, bias=False, dtype=dtype) if router_hidden else None
+        self.router_out = nn.Linear(router_hidden, len(widths), bias=False, dtype=dtype) if router_hidden else None
         shared = spec.get("shared_width", 0)
         self.shared = PackedExperts(hidden, [shared], self.gated, dtype) if shared else None
         self.output_bias = nn.Parameter(torch.zeros(hidden, dtype=dtype)) if spec.get("bias") else None
@@ -169,6 +173,8 @@ class MoeBlock(nn.Module):
 
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)
+        if self.router_in is not None:
+            logits = logits + self.router_out(F.silu(self.router_in(x)))
         w13, w2 = self.experts.stacked()
         shared = None
         if self.shared is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moefy.transforms.base import LayerPlan, SourceInfo, Transform
 from moefy.transforms.carve import Carve
+from moefy.transforms.fit_router import FitRouter
 from moefy.transforms.slice import Slice
 from moefy.transforms.upcycle import Upcycle
 
@@ -11,6 +12,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     Slice.name: Slice,
     Carve.name: Carve,
     Upcycle.name: Upcycle,
+    FitRouter.name: FitRouter,
 }
 
 __all__ = ["TRANSFORMS", "Transform", "LayerPlan", "SourceInfo"]

@@ -39,6 +39,7 @@ class LayerPlan:
     shared: bool = False
     bias: bool = False  # an output bias per MoE layer
     same_top_k: bool = True  # every MoE layer activates top_k experts (else per-layer budgets)
+    router_hidden: int = 0  # width of a residual MLP router (0: linear router only)
     dense_layers: tuple[int, ...] = ()  # layers left as dense MLPs
 
 
