@@ -8,7 +8,7 @@ RECIPE ?= mlpmoe
 WINDOWS ?= 40
 OUT ?= out/demo-$(RECIPE)
 
-.PHONY: setup demo test bench bench-carve clean
+.PHONY: setup demo test bench bench-carve bench-fit-router clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ bench: setup
 
 bench-carve: setup  # ~40 min on 2 cores: the carve table of docs/BENCHMARKS.md
 	$(BIN)/python scripts/bench_carve.py --windows 40 --samples 16 --json docs/bench_carve.json
+
+bench-fit-router: setup  # ~45 min on 2 cores: the fit_router table of docs/BENCHMARKS.md
+	$(BIN)/python scripts/bench_fit_router.py --windows 40 --samples 16 --json docs/bench_fit_router.json
 
 clean:
 	rm -rf out .pytest_cache

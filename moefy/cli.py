@@ -246,6 +246,8 @@ def _type_name(annotation) -> str:
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Literal:
         return " | ".join(map(str, args))
+    if typing.get_origin(annotation) is list:
+        return f"list of {_type_name(args[0])}"
     if args:
         return " | ".join(_type_name(a) for a in args)
     if hasattr(annotation, "model_fields"):
@@ -255,8 +257,10 @@ def _type_name(annotation) -> str:
 
 def _option_rows(table: Table, model, prefix: str) -> None:
     for name, field in model.model_fields.items():
-        table.add_row(prefix + name, _type_name(field.annotation), repr(field.default), field.description or "")
-        for sub in (a for a in typing.get_args(field.annotation) if hasattr(a, "model_fields")):
+        default = field.get_default(call_default_factory=True)
+        shown = "(options below)" if hasattr(default, "model_fields") else repr(default)
+        table.add_row(prefix + name, _type_name(field.annotation), shown, field.description or "")
+        for sub in (a for a in (field.annotation, *typing.get_args(field.annotation)) if hasattr(a, "model_fields")):
             _option_rows(table, sub, f"{prefix}{name}.")
 
 
