@@ -96,11 +96,11 @@ def main() -> None:
                **{key: round(layer_mean(layers, key), 4) for key in
                   ("router_recall", "mass_coverage", "expert_load_max_over_mean", "rel_error_final")}}
         results.append(row)
+        if args.json:  # after every row: a long run that stops early keeps what it measured
+            args.json.write_text(json.dumps({"dense_ppl": dense, "windows": int(windows.shape[0]),
+                                             "samples": args.samples, "rows": results}, indent=2) + "\n")
         print(f"{name:44s} ppl {ppl:9.3f}  Δ {row['delta_pct']:+8.1f}%  recall {row['router_recall']:.3f}  "
               f"{seconds:.0f}s", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"dense_ppl": dense, "windows": int(windows.shape[0]), "samples": args.samples,
-                                         "rows": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ class Transform:
         return None
 
     def preview(self, layer: int, mlp: DenseMLP, inputs: list[torch.Tensor]) -> None:
-        """One layer of the preview pass: the dense MLP and its inputs, [L_i, H] per sequence."""
+        """One layer of the preview pass: the dense MLP and its inputs, [T_b, H] per batch (one text per
+        batch when the request gave texts)."""
 
     def apply(self, layer: int, current: DenseMLP | MoeLayer, data: LayerData | None = None) -> DenseMLP | MoeLayer:
         """Rewrite one layer; `data` is given when the pipeline calibrates, else None."""

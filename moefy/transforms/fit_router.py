@@ -19,6 +19,7 @@ Optional compensation (down-projection refit, output bias) against the source's 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Literal
 
 import torch
@@ -43,6 +44,7 @@ class FitRouterOptions(Options):
     max_tokens: int = Field(16384, ge=16, description="calibration tokens used per layer")
     ridge: float = Field(1e-2, gt=0, description="least-squares ridge, relative to the mean diagonal of xᵀx")
     C: float = Field(1.0, gt=0, description="logistic: inverse L2 strength")
+    max_iter: int = Field(100, ge=1, description="logistic: lbfgs iterations per expert")
     hidden: int = Field(64, ge=1, description="mlp: width of the residual MLP router")
     steps: int = Field(300, ge=1, description="mlp: Adam steps")
     lr: float = Field(3e-3, gt=0, description="mlp: Adam learning rate")
@@ -84,6 +86,7 @@ class FitRouter(Transform):
         if isinstance(current, DenseMLP):
             return current  # a layer the previous transform left dense
         o = self.options
+        started = time.perf_counter()
         moe = dataclasses.replace(current, stats=dict(current.stats))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
         x = data.inputs[torch.randperm(data.inputs.shape[0], generator=generator)[: o.max_tokens]].float()
@@ -95,15 +98,15 @@ class FitRouter(Transform):
         mass = expert_activation_mass(h, moe.widths)
         labels = oracle if o.labels == "output_norm" else mass
         before = routing_diagnostics(moe, x, oracle, mass)
-        moe.router, moe.router_mlp = self._fit(x, labels, moe)
+        moe.router, moe.router_mlp, fit_stats = self._fit(x, labels, moe)
         if o.temperature is not None and moe.combine != "unit":
             scale_to_temperature(moe, x, o.temperature)
         stats = routing_diagnostics(moe, x, oracle, mass)
         shared = activations(moe.shared, x) if moe.shared is not None else None
         stats.update(compensate(moe, x, h, shared, data.teacher.forward(x), o.compensation))
         stats.update({"router_recall_before": before["router_recall"], "fit_method": o.method,
-                      "fit_tokens": int(x.shape[0])})
-        moe.stats.update(stats)
+                      "fit_tokens": int(x.shape[0]), "fit_seconds": round(time.perf_counter() - started, 3)})
+        moe.stats.update({**stats, **fit_stats})
         return moe
 
     def _route_static(self, moe: MoeLayer, x: torch.Tensor) -> None:
@@ -116,35 +119,44 @@ class FitRouter(Transform):
         moe.router = torch.zeros(moe.num_experts, x.shape[1])
 
     def _fit(self, x: torch.Tensor, labels: torch.Tensor, moe: MoeLayer):
-        """(linear router [E, H], residual MLP router or None)."""
+        """(linear router [E, H], residual MLP router or None, stats of the fit)."""
         o = self.options
         k = moe.top_k
         if k >= moe.num_experts:
-            return torch.zeros(moe.num_experts, x.shape[1]), None
+            return torch.zeros(moe.num_experts, x.shape[1]), None, {}
         if o.method == "least-squares":
             target = labels.clamp(min=1e-6).log() if o.target == "log_scores" else labels
-            return ridge_router(x, target, o.ridge), None
+            return ridge_router(x, target, o.ridge), None, {}
         member = torch.zeros_like(labels).scatter(1, labels.topk(k, dim=1).indices, 1.0)
         if o.method == "logistic":
-            return _logistic_router(x, member, o.C, self.seed), None
+            router, unconverged = _logistic_router(x, member, o.C, o.max_iter, self.seed)
+            return router, None, {"logistic_unconverged": unconverged}  # experts whose fit stopped at max_iter
         start = moe.router if moe.router is not None and moe.router.abs().sum() > 0 else ridge_router(x, labels)
-        return _train_mlp_router(x, member, start, o.hidden, o.steps, o.lr, self.seed)
+        return (*_train_mlp_router(x, member, start, o.hidden, o.steps, o.lr, self.seed), {})
 
 
-def _logistic_router(x: torch.Tensor, member: torch.Tensor, c: float, seed: int) -> torch.Tensor:
+def _logistic_router(x: torch.Tensor, member: torch.Tensor, c: float, max_iter: int, seed: int):
     """One-vs-rest logistic regression of top-k membership, one expert at a time, no intercept (the
-    gate has none); an expert that is always or never in the top-k gets a zero row."""
+    gate has none); an expert that is always or never in the top-k gets a zero row. Features are
+    scaled by their RMS for the solver (no centring: that would need an intercept), undone on the
+    weights. Returns (router [E, H], number of fits that hit max_iter)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    scale = float(x.pow(2).mean().sqrt())  # standardise for the solver, undo on the weights
+    scale = x.pow(2).mean(0).sqrt().clamp(min=1e-12)
     data = (x / scale).numpy()
-    rows = torch.zeros(member.shape[1], x.shape[1])
+    rows, unconverged = torch.zeros(member.shape[1], x.shape[1]), 0
     for e in range(member.shape[1]):
         y = member[:, e].numpy()
         if 0 < y.sum() < len(y):
-            fit = LogisticRegression(C=c, fit_intercept=False, max_iter=200, random_state=seed).fit(data, y)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                fit = LogisticRegression(C=c, fit_intercept=False, max_iter=max_iter, random_state=seed).fit(data, y)
+            unconverged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
             rows[e] = torch.from_numpy(fit.coef_[0]).float() / scale
-    return rows
+    return rows, unconverged
 
 
 def _train_mlp_router(x, member, start, hidden: int, steps: int, lr: float, seed: int):
