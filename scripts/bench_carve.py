@@ -128,16 +128,22 @@ def row_recipe(spec, samples: int) -> Recipe:
     return recipe
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def quality_parser(description: str, samples: int) -> argparse.ArgumentParser:
+    """The arguments every convert-then-eval quality sweep takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--source", default="demo")
     parser.add_argument("--calib", default=str(SHARED / "wikitext-2" / "valid.txt"))
     parser.add_argument("--dataset", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
     parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--samples", type=int, default=64, help="calibration samples × 512 tokens")
+    parser.add_argument("--samples", type=int, default=samples, help="calibration samples × 512 tokens")
     parser.add_argument("--only", nargs="*", help="row names to run")
-    parser.add_argument("--row", action="append", default=[], help="extra row: NAME=YAML transform list")
     parser.add_argument("--json", type=Path)
+    return parser
+
+
+def main() -> None:
+    parser = quality_parser(__doc__.splitlines()[0], samples=64)
+    parser.add_argument("--row", action="append", default=[], help="extra row: NAME=YAML transform list")
     parser.add_argument("--markdown", type=Path,
                         help="print the docs/BENCHMARKS.md table of a --json file and write its chart beside it (.svg)")
     args = parser.parse_args()

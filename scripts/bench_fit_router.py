@@ -11,14 +11,13 @@ export with fit_router's temperature trick, to compare against native.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_carve import SHARED, carve, layer_mean
+from bench_carve import carve, layer_mean, quality_parser
 
 from moefy.convert import convert
 from moefy.evaluate import perplexity, token_windows
@@ -61,14 +60,7 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default="demo")
-    parser.add_argument("--calib", default=str(SHARED / "wikitext-2" / "valid.txt"))
-    parser.add_argument("--dataset", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
-    parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--samples", type=int, default=16, help="calibration samples × 512 tokens")
-    parser.add_argument("--only", nargs="*", help="row names to run")
-    parser.add_argument("--json", type=Path)
+    parser = quality_parser(__doc__.splitlines()[0], samples=16)
     parser.add_argument("--markdown", type=Path, help="print the docs/BENCHMARKS.md table of a --json file")
     args = parser.parse_args()
     if args.markdown:
