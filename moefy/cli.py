@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
@@ -258,7 +259,7 @@ def _type_name(annotation) -> str:
 def _option_rows(table: Table, model, prefix: str) -> None:
     for name, field in model.model_fields.items():
         default = field.get_default(call_default_factory=True)
-        shown = "(options below)" if hasattr(default, "model_fields") else repr(default)
+        shown = "(options below)" if isinstance(default, BaseModel) else repr(default)
         table.add_row(prefix + name, _type_name(field.annotation), shown, field.description or "")
         for sub in (a for a in (field.annotation, *typing.get_args(field.annotation)) if hasattr(a, "model_fields")):
             _option_rows(table, sub, f"{prefix}{name}.")

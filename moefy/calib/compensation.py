@@ -18,6 +18,11 @@ class CompensationOptions(Options):
     ridge: float = Field(1e-3, gt=0, description="refit ridge, relative to the mean diagonal of the Gram matrix")
 
 
+def compensation_tokens(options: CompensationOptions, available: int) -> int:
+    """Tokens `compensate` needs: all of them to refit, else only the diagnostic sample."""
+    return available if options.refit_down or options.bias else min(available, DIAGNOSTIC_TOKENS)
+
+
 def compensate(moe: MoeLayer, x: torch.Tensor, h_routed: torch.Tensor, h_shared: torch.Tensor | None,
                target: torch.Tensor, options: CompensationOptions) -> dict:
     """Apply `options` to `moe` in place, given its inputs x [T, H], the intermediate activations of its

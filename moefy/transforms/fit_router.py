@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from moefy.calib.compensation import CompensationOptions, compensate
+from moefy.calib.compensation import CompensationOptions, compensate, compensation_tokens
 from moefy.calib.routers import (expert_activation_mass, expert_output_norms, ridge_router, routing_diagnostics,
                                  scale_to_temperature)
 from moefy.errors import BadInput
@@ -102,8 +102,9 @@ class FitRouter(Transform):
         if o.temperature is not None and moe.combine != "unit":
             scale_to_temperature(moe, x, o.temperature)
         stats = routing_diagnostics(moe, x, oracle, mass)
-        shared = activations(moe.shared, x) if moe.shared is not None else None
-        stats.update(compensate(moe, x, h, shared, data.teacher.forward(x), o.compensation))
+        n = compensation_tokens(o.compensation, x.shape[0])
+        shared = activations(moe.shared, x[:n]) if moe.shared is not None else None
+        stats.update(compensate(moe, x[:n], h[:n], shared, data.teacher.forward(x[:n]), o.compensation))
         stats.update({"router_recall_before": before["router_recall"], "fit_method": o.method,
                       "fit_tokens": int(x.shape[0]), "fit_seconds": round(time.perf_counter() - started, 3)})
         moe.stats.update({**stats, **fit_stats})
