@@ -30,6 +30,7 @@ from moefy.calib.routers import (expert_activation_mass, expert_output_norms, ri
                                  scale_to_temperature)
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, activations
+from moefy.progress import log
 from moefy.transforms.base import LayerData, LayerPlan, Options, SourceInfo, Transform
 
 
@@ -108,6 +109,9 @@ class FitRouter(Transform):
         stats.update({"router_recall_before": before["router_recall"], "fit_method": o.method,
                       "fit_tokens": int(x.shape[0]), "fit_seconds": round(time.perf_counter() - started, 3)})
         moe.stats.update({**stats, **fit_stats})
+        log(f"fit_router layer {layer}: recall {before['router_recall']:.3f} → {stats['router_recall']:.3f}, "
+            f"mass coverage {stats['mass_coverage']:.3f}, load max/mean {stats['expert_load_max_over_mean']:.2f}, "
+            f"rel. error {stats['rel_error_final']:.4f}")
         return moe
 
     def _route_static(self, moe: MoeLayer, x: torch.Tensor) -> None:
