@@ -29,13 +29,22 @@ def expert_activation_mass(h: torch.Tensor, widths: list[int]) -> torch.Tensor:
     return torch.stack([part.abs().sum(1) for part in h.split(widths, dim=1)], dim=1)
 
 
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[T, E] bool: True at each token's k highest scores."""
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(1, scores.topk(k, dim=1).indices, True)
+
+
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit L2 norm (zero rows stay zero)."""
+    return rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
 def top_k_recall(scores: torch.Tensor, oracle: torch.Tensor, k: int) -> float:
     """Fraction of the oracle's top-k experts that `scores` also puts in its top-k."""
     if k >= scores.shape[1]:
         return 1.0
-    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, scores.topk(k, dim=1).indices, True)
-    best = torch.zeros_like(oracle, dtype=torch.bool).scatter(1, oracle.topk(k, dim=1).indices, True)
-    return float((chosen & best).sum() / best.sum())
+    best = top_k_mask(oracle, k)
+    return float((top_k_mask(scores, k) & best).sum() / best.sum())
 
 
 def ridge_router(x: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
@@ -48,10 +57,9 @@ def ridge_router(x: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-2) ->
 
 def centroid_router(x: torch.Tensor, oracle: torch.Tensor, k: int) -> torch.Tensor:
     """Row e = mean input of the tokens whose oracle top-k holds e, minus the mean input (unit norm)."""
-    best = torch.zeros_like(oracle).scatter(1, oracle.topk(k, dim=1).indices, 1.0)
+    best = top_k_mask(oracle, k).to(x.dtype)
     means = (best.T @ x) / best.sum(0).clamp(min=1)[:, None]
-    rows = means - x.mean(0)
-    return rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return unit_rows(means - x.mean(0))
 
 
 def routing_diagnostics(moe, x: torch.Tensor, oracle: torch.Tensor, mass: torch.Tensor) -> dict:

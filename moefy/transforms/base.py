@@ -90,6 +90,14 @@ class Transform:
         """apply() then receives each layer's LayerData."""
         return False
 
+    def layer_generator(self, layer: int) -> torch.Generator:
+        """Randomness for one layer: seeded by --seed and the layer, so a run is reproducible."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
+
+    def sample_tokens(self, layer: int, inputs: torch.Tensor, limit: int) -> torch.Tensor:
+        """Up to `limit` of a layer's calibration tokens [T, H], in a seeded random order."""
+        return inputs[torch.randperm(inputs.shape[0], generator=self.layer_generator(layer))[:limit]]
+
     def min_calibration_tokens(self, source: SourceInfo) -> int:
         """Fewest calibration tokens this transform can work with (checked before any work)."""
         return 1 if self.needs_calibration else 0

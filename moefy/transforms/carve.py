@@ -25,7 +25,7 @@ from pydantic import Field
 
 from moefy.calib.compensation import CompensationOptions, compensate
 from moefy.calib.routers import (centroid_router, expert_activation_mass, expert_output_norms, ridge_router,
-                                 routing_diagnostics, scale_to_temperature)
+                                 routing_diagnostics, scale_to_temperature, top_k_mask)
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, activations
 from moefy.transforms.base import LayerData, LayerPlan, Options, Preview, SourceInfo, Transform
@@ -135,8 +135,7 @@ class Carve(Transform):
         width = mlp.width // o.experts
         if layer in self._dense(self._num_layers):
             return mlp
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
-        sample = inputs[torch.randperm(inputs.shape[0], generator=generator)[: o.max_tokens]]
+        sample = self.sample_tokens(layer, inputs, o.max_tokens)
         h = activations(mlp, sample)
         contribution = contributions(h, mlp)
         features = self._features(h, contribution)
@@ -172,7 +171,7 @@ class Carve(Transform):
         o = self.options
         if o.features == "markers":
             k = max(1, round(o.marker_fraction * h.shape[1]))
-            return torch.zeros_like(h).scatter(1, h.abs().topk(k, dim=1).indices, 1.0)
+            return top_k_mask(h.abs(), k).to(h.dtype)
         magnitude = contribution if o.features == "contribution" else h.abs()
         return magnitude / magnitude.norm(dim=0).clamp(min=1e-12)
 

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from moefy.calib.compensation import CompensationOptions, compensate, compensation_tokens
 from moefy.calib.routers import (expert_activation_mass, expert_output_norms, ridge_router, routing_diagnostics,
-                                 scale_to_temperature)
+                                 scale_to_temperature, top_k_mask)
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, activations
 from moefy.progress import log
@@ -89,8 +89,7 @@ class FitRouter(Transform):
         o = self.options
         started = time.perf_counter()
         moe = dataclasses.replace(current, stats=dict(current.stats))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
-        x = data.inputs[torch.randperm(data.inputs.shape[0], generator=generator)[: o.max_tokens]].float()
+        x = self.sample_tokens(layer, data.inputs, o.max_tokens).float()
         if moe.scoring == "none":
             self._route_static(moe, x)
         h = activations(moe.mlp, x)
@@ -132,7 +131,7 @@ class FitRouter(Transform):
         if o.method == "least-squares":
             target = labels.clamp(min=1e-6).log() if o.target == "log_scores" else labels
             return ridge_router(x, target, o.ridge), None, {}
-        member = torch.zeros_like(labels).scatter(1, labels.topk(k, dim=1).indices, 1.0)
+        member = top_k_mask(labels, k).float()
         if o.method == "logistic":
             router, unconverged = _logistic_router(x, member, o.C, o.max_iter, self.seed)
             return router, None, {"logistic_unconverged": unconverged}  # experts whose fit stopped at max_iter

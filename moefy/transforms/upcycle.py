@@ -29,6 +29,7 @@ import torch
 import yaml
 from pydantic import Field, ValidationError
 
+from moefy.calib.routers import unit_rows
 from moefy.errors import BadInput
 from moefy.io.checkpoint import open_source
 from moefy.moe.layer import DenseMLP, MoeLayer, concat_mlps
@@ -166,7 +167,7 @@ class Upcycle(Transform):
                 row = row - torch.stack([means[t] for t in p.negative]).mean(0)
             rows.append(row)
         rows = torch.stack(rows)
-        self._hidden_rows[layer] = _unit_rows(rows - rows.mean(0))
+        self._hidden_rows[layer] = unit_rows(rows - rows.mean(0))
 
     def apply(self, layer: int, current: DenseMLP | MoeLayer, data: LayerData | None = None) -> MoeLayer:
         o, g = self.options, self.options.granularity
@@ -222,8 +223,7 @@ class Upcycle(Transform):
         if o.router == "zero":
             return torch.zeros(self.copies, hidden)
         if o.router == "random":
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
-            return torch.randn(self.copies, hidden, generator=gen) * o.router_std
+            return torch.randn(self.copies, hidden, generator=self.layer_generator(layer)) * o.router_std
         if o.router == "hidden":
             return self._hidden_rows[layer]
         if data is None:
@@ -234,12 +234,7 @@ class Upcycle(Transform):
     def _kmeans_rows(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         from sklearn.cluster import KMeans
 
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
-        sample = x[torch.randperm(x.shape[0], generator=gen)[: self.options.kmeans_tokens]].float()
+        sample = self.sample_tokens(layer, x, self.options.kmeans_tokens).float()
         km = KMeans(n_clusters=self.copies, n_init=3, random_state=self.seed).fit(sample.numpy())
         centers = torch.from_numpy(km.cluster_centers_).float()
-        return _unit_rows(centers - sample.mean(0))
-
-
-def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
-    return rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return unit_rows(centers - sample.mean(0))
