@@ -1,29 +1,86 @@
 """Sparse-expert forward passes behind one entry point, `moe_forward` (contract: DESIGN.md).
 
-Backends: `reference` (plain loop, the oracle), `torch` (grouped PyTorch path, CPU and GPU).
-`auto` picks the fastest available for the tensors' device.
+Backends: `reference` (plain loop, the oracle), `torch` (per-token loop / grouped matmuls, CPU and GPU),
+`triton` (fused kernels, CUDA; on CPU only under TRITON_INTERPRET=1, for tests).
+`auto` picks triton for CUDA tensors when it is installed, else torch.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from moefy_kernels.reference import moe_forward_reference
-from moefy_kernels.routing import route
+from moefy_kernels.routing import ACTIVATIONS, route
 from moefy_kernels.torch_ops import moe_forward_torch
 
 BACKENDS = {"reference": moe_forward_reference, "torch": moe_forward_torch}
+try:
+    from moefy_kernels.triton_moe import moe_forward_triton
+except ImportError:  # triton is Linux-only; the other backends cover everything else
+    moe_forward_triton = None
+else:
+    BACKENDS["triton"] = moe_forward_triton
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-__all__ = ["moe_forward", "route", "BACKENDS", "resolve_backend"]
+__all__ = ["moe_forward", "route", "BACKENDS", "resolve_backend", "check_inputs"]
 
 
-def resolve_backend(backend: str) -> str:
-    """Map `auto` to a concrete backend; reject names this build does not have."""
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """Map `auto` to a concrete backend for tensors on `device`; reject names this build cannot run."""
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     if backend == "auto":
-        return "torch"
+        return "triton" if on_cuda and "triton" in BACKENDS else "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; available: auto, {', '.join(BACKENDS)}")
+        missing = " (triton is not installed)" if backend == "triton" else ""
+        raise ValueError(f"unknown backend {backend!r}{missing}; available: auto, {', '.join(BACKENDS)}")
+    if backend == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels in "
+                         "the slow interpreter); use --backend torch on CPU")
     return backend
+
+
+def check_inputs(hidden, router_logits, w13, w2, top_k, *, gated=True, shared=None, expert_scales=None,
+                 activation="silu") -> None:
+    """Raise ValueError naming the first inconsistent argument instead of computing garbage."""
+    def fail(msg):
+        raise ValueError(f"moe_forward: {msg}")
+
+    if hidden.dim() != 2:
+        fail(f"hidden must be [T, H], got shape {tuple(hidden.shape)}")
+    if w13.dim() != 3 or w2.dim() != 3:
+        fail(f"w13 must be [E, 2*I, H] and w2 [E, H, I], got {tuple(w13.shape)} and {tuple(w2.shape)}")
+    tokens, dim = hidden.shape
+    experts, width = w2.shape[0], w2.shape[2]
+    rows = (2 if gated else 1) * width
+    if tuple(w13.shape) != (experts, rows, dim) or w2.shape[1] != dim:
+        fail(f"with H={dim} from hidden and E={experts}, I={width} from w2 {tuple(w2.shape)}, w13 must be "
+             f"{(experts, rows, dim)} ({'gate rows then up rows' if gated else 'not gated'}), got {tuple(w13.shape)}")
+    if tuple(router_logits.shape) != (tokens, experts):
+        fail(f"router_logits must be [T={tokens}, E={experts}], got {tuple(router_logits.shape)}")
+    if not 1 <= top_k <= experts:
+        fail(f"top_k={top_k} must be between 1 and the number of experts ({experts})")
+    if activation not in ACTIVATIONS:
+        fail(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    tensors = {"hidden": hidden, "w13": w13, "w2": w2}
+    if shared is not None:
+        s13, s2 = shared
+        if s13.dim() != 2 or s2.dim() != 2 or s13.shape[1] != dim or s2.shape[0] != dim or \
+                s13.shape[0] != (2 if gated else 1) * s2.shape[1]:
+            fail(f"shared must be (w13 [2*Is, H={dim}], w2 [H={dim}, Is]), got {tuple(s13.shape)}, {tuple(s2.shape)}")
+        tensors.update(shared_w13=s13, shared_w2=s2)
+    if expert_scales is not None and tuple(expert_scales.shape) != (experts,):
+        fail(f"expert_scales must be [E={experts}], got {tuple(expert_scales.shape)}")
+    for name, tensor in tensors.items():
+        if tensor.dtype not in KERNEL_DTYPES or tensor.dtype != hidden.dtype:
+            fail(f"{name} is {tensor.dtype}; hidden and all expert weights must share one of fp32/bf16/fp16 "
+                 f"(hidden is {hidden.dtype})")
+        if tensor.device != hidden.device or router_logits.device != hidden.device:
+            fail(f"{name} is on {tensor.device}, hidden on {hidden.device}: put them on one device")
+        if tensor.stride(-1) != 1:
+            fail(f"{name} has strides {tensor.stride()}: its last dimension must be contiguous; call .contiguous() "
+                 "once at load time")
 
 
 def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
@@ -35,8 +92,8 @@ def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
     w13 is [E, 2*I, H] (gate rows then up rows; [E, I, H] when not gated), w2 is [E, H, I];
     expert_scales [E] multiplies each expert's output on top of its combine weight.
     """
-    if not 1 <= top_k <= w13.shape[0]:
-        raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({w13.shape[0]})")
-    fn = BACKENDS[resolve_backend(backend)]
+    check_inputs(hidden, router_logits, w13, w2, top_k, gated=gated, shared=shared, expert_scales=expert_scales,
+                 activation=activation)
+    fn = BACKENDS[resolve_backend(backend, hidden.device)]
     return fn(hidden, router_logits, w13, w2, top_k, scoring=scoring, combine=combine, activation=activation,
               gated=gated, shared=shared, expert_scales=expert_scales)

@@ -1,11 +1,45 @@
-"""Fast PyTorch MoE forward: tokens sorted by expert, one matmul pair per hit expert."""
+"""Fast PyTorch MoE forward (CPU and GPU): a per-token loop for one or two tokens, else tokens sorted
+by expert and two grouped matmuls (`torch._grouped_mm` where this build has it, else one matmul pair
+per hit expert on contiguous slices), the routing weight applied before `index_add_` back to tokens.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moefy_kernels.reference import expert_mlp
-from moefy_kernels.routing import route
+from moefy_kernels.routing import activation_fn, route
+
+PER_TOKEN_MAX = 2  # up to this many tokens, looping over the selected experts beats sorting
+
+
+def _has_grouped_mm(x: torch.Tensor) -> bool:
+    """`torch._grouped_mm` runs fp32 on CPU; on CUDA it wants bf16."""
+    return hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
+def _glu(z: torch.Tensor, act, gated: bool) -> torch.Tensor:
+    if not gated:
+        return act(z)
+    gate, up = z.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+def _grouped(x_sorted, counts, w13, w2, act, gated):
+    """Expert e on rows counts[:e].sum() … counts[:e+1].sum() of x_sorted."""
+    if _has_grouped_mm(x_sorted):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = _glu(torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs), act, gated)
+        return torch._grouped_mm(h.contiguous(), w2.transpose(1, 2), offs=offs)
+    out = torch.empty(x_sorted.shape[0], w2.shape[1], dtype=x_sorted.dtype, device=x_sorted.device)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            rows = slice(start, start + n)
+            out[rows] = F.linear(_glu(F.linear(x_sorted[rows], w13[e]), act, gated), w2[e])
+            start += n
+    return out
 
 
 def moe_forward_torch(hidden, router_logits, w13, w2, top_k, *, scoring="softmax", combine="renormalize",
@@ -13,21 +47,19 @@ def moe_forward_torch(hidden, router_logits, w13, w2, top_k, *, scoring="softmax
     weights, experts = route(router_logits, top_k, scoring=scoring, combine=combine)
     if expert_scales is not None:
         weights = weights * expert_scales.float()[experts]
-    num_tokens = hidden.shape[0]
-    flat_experts = experts.reshape(-1)
-    order = torch.argsort(flat_experts, stable=True)
-    token_of_slot = order // top_k
-    counts = torch.bincount(flat_experts, minlength=w13.shape[0]).tolist()
-    out = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    slot_weights = weights.reshape(-1)[order]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = token_of_slot[start:start + n]
-        y = expert_mlp(hidden[rows].float(), w13[e].float(), w2[e].float(), activation, gated)
-        out.index_add_(0, rows, y * slot_weights[start:start + n, None])
-        start += n
+    x = hidden.float()
+    w13, w2 = w13.float(), w2.float()
+    act = activation_fn(activation)
+    if 0 < hidden.shape[0] <= PER_TOKEN_MAX:
+        out = torch.stack([sum(weights[t, j] * expert_mlp(x[t], w13[e], w2[e], activation, gated)
+                               for j, e in enumerate(experts[t].tolist())) for t in range(x.shape[0])])
+    else:
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token_of_slot = order // top_k
+        counts = torch.bincount(flat, minlength=w13.shape[0])
+        y = _grouped(x[token_of_slot], counts, w13, w2, act, gated)
+        out = torch.zeros_like(x).index_add_(0, token_of_slot, y * weights.reshape(-1)[order, None])
     if shared is not None:
-        out += expert_mlp(hidden.float(), shared[0].float(), shared[1].float(), activation, gated)
+        out = out + expert_mlp(x, shared[0].float(), shared[1].float(), activation, gated)
     return out.to(hidden.dtype)

@@ -73,3 +73,117 @@ def test_bad_backend_and_top_k():
         moe_forward(torch.randn(2, 16), torch.randn(2, 4), w13, w2, 1, backend="cuda-magic")
     with pytest.raises(ValueError, match="top_k"):
         moe_forward(torch.randn(2, 16), torch.randn(2, 4), w13, w2, 5)
+
+
+triton_moe = pytest.importorskip("moefy_kernels.triton_moe", reason="triton is not installed (Linux only)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (atol, rtol) against the fp32 reference: fp32 differs only by summation order; half types round the
+# input, the stored intermediate and the output.
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (4e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
+# A covering set of the grid E ∈ {4, 16, 64} × k ∈ {1, 2, 4} × widths 16–256 × shared × T ∈ {1, 7, 64, 300}
+# × unit/prob weights: the interpreter takes seconds per call, so every value appears, not every product.
+TRITON_CASES = [  # tokens, experts, top_k, width, shared, combine, dtype
+    (1, 4, 1, 16, False, "unit", torch.float32),
+    (1, 64, 4, 256, True, "prob", torch.float32),
+    (7, 16, 2, 32, True, "renormalize", torch.float32),
+    (7, 4, 4, 64, False, "prob", torch.bfloat16),
+    (64, 16, 4, 48, False, "unit", torch.float32),
+    (64, 4, 2, 128, True, "renormalize", torch.bfloat16),
+    (64, 64, 1, 16, True, "prob", torch.float16),
+    (300, 64, 4, 16, False, "renormalize", torch.float32),
+    (300, 16, 2, 256, True, "unit", torch.float32),
+]
+
+
+def _case(tokens, experts, width, shared, dtype, hidden=32, gated=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 if gated else 1
+    w13 = torch.randn(experts, rows * width, hidden, generator=g) / hidden ** 0.5
+    w2 = torch.randn(experts, hidden, width, generator=g) / width ** 0.5
+    x = torch.randn(tokens, hidden, generator=g)
+    logits = torch.randn(tokens, experts, generator=g)
+    pair = (torch.randn(rows * 24, hidden, generator=g) / hidden ** 0.5, torch.randn(hidden, 24, generator=g) / 24 ** 0.5)
+    move = lambda t: t.to(DEVICE, dtype)  # noqa: E731
+    return move(x), logits.to(DEVICE), move(w13), move(w2), tuple(map(move, pair)) if shared else None
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,width,shared,combine,dtype", TRITON_CASES)
+def test_triton_matches_reference(tokens, experts, top_k, width, shared, combine, dtype):
+    x, logits, w13, w2, pair = _case(tokens, experts, width, shared, dtype)
+    scales = (torch.rand(experts, generator=torch.Generator().manual_seed(5)) + 0.5).to(DEVICE, dtype)
+    kwargs = dict(combine=combine, shared=pair, expert_scales=scales)
+    ref = moe_forward(x.float(), logits, w13.float(), w2.float(), top_k, backend="reference",
+                      **{**kwargs, "shared": pair and tuple(t.float() for t in pair)})
+    out = moe_forward(x, logits, w13, w2, top_k, backend="triton", **kwargs)
+    assert out.dtype == dtype and out.shape == x.shape
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("activation,gated", [("gelu_tanh", True), ("gelu", False), ("relu", False),
+                                              ("silu", False)])
+@pytest.mark.parametrize("tokens", [3, 40])  # the small-batch path and the aligned path
+def test_triton_activations(activation, gated, tokens):
+    x, logits, w13, w2, pair = _case(tokens, 4, 16, True, torch.float32, gated=gated)
+    kwargs = dict(activation=activation, gated=gated, shared=pair, scoring="sigmoid", combine="prob")
+    ref = moe_forward(x, logits, w13, w2, 2, backend="reference", **kwargs)
+    torch.testing.assert_close(moe_forward(x, logits, w13, w2, 2, backend="triton", **kwargs), ref,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("combine", ["unit", "prob", "renormalize"])
+def test_triton_routing_matches_torch(scoring, combine):
+    logits = torch.randn(37, 12, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    weights, experts = triton_moe.route_triton(logits, 3, scoring, combine)
+    ref_weights, ref_experts = route(logits, 3, scoring=scoring, combine=combine)
+    assert torch.equal(experts, ref_experts)
+    torch.testing.assert_close(weights, ref_weights)
+
+
+def test_alignment_pads_only_the_index_list():
+    experts = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 0]])  # 8 slots: expert 0 ×3, 1 ×1, 2 ×4
+    slots, block_expert = triton_moe.align(experts, num_experts=4, block_m=4)
+    assert slots.numel() == 8 + 4 * 3  # the worst case, sized without reading the routing back
+    used = [(int(e), slots[i * 4:(i + 1) * 4].tolist()) for i, e in enumerate(block_expert) if e < 4]
+    assert used == [(0, [1, 4, 7, 8]), (1, [3, 8, 8, 8]), (2, [0, 2, 5, 6])]  # 8 = the padding sentinel
+    assert (block_expert[len(used):] == 4).all()
+
+
+def test_triton_is_deterministic():
+    x, logits, w13, w2, _ = _case(64, 16, 32, False, torch.float32)
+    first = moe_forward(x, logits, w13, w2, 4, backend="triton")
+    assert torch.equal(first, moe_forward(x, logits, w13, w2, 4, backend="triton"))
+
+
+BAD_INPUTS = [
+    (dict(w13=torch.randn(4, 30, 16)), "w13 must be"),
+    (dict(w2=torch.randn(4, 8, 16)), "w13 must be"),
+    (dict(hidden=torch.randn(2, 3, 16)), r"hidden must be \[T, H\]"),
+    (dict(router_logits=torch.randn(2, 5)), "router_logits must be"),
+    (dict(top_k=5), "top_k=5"),
+    (dict(hidden=torch.randn(2, 16, dtype=torch.float64)), "float64"),
+    (dict(w2=torch.randn(4, 16, 16).to(torch.bfloat16)), "w2 is torch.bfloat16"),
+    (dict(w13=torch.randn(4, 16, 32).transpose(1, 2)), "last dimension must be contiguous"),
+    (dict(shared=(torch.randn(8, 16), torch.randn(16, 8))), "shared must be"),
+    (dict(expert_scales=torch.ones(3)), "expert_scales must be"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("override,message", BAD_INPUTS)
+def test_bad_kernel_inputs_raise(backend, override, message):
+    args = dict(hidden=torch.randn(2, 16), router_logits=torch.randn(2, 4), w13=torch.randn(4, 32, 16),
+                w2=torch.randn(4, 16, 16), top_k=2)
+    args.update(override)
+    with pytest.raises(ValueError, match=message):
+        moe_forward(**args, backend=backend)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    from moefy_kernels import resolve_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        resolve_backend("triton", "cpu")
+    assert resolve_backend("auto", "cpu") == "torch"
