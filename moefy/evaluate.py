@@ -10,7 +10,7 @@ import torch
 from moefy.errors import BadInput
 from moefy.io.data import TextData, load_text
 from moefy.io.checkpoint import open_source
-from moefy.loading import load_model, load_tokenizer
+from moefy.loading import checked_backend, load_model, load_tokenizer
 from moefy.progress import log, progress
 from moefy.summary import summarize
 
@@ -50,6 +50,7 @@ def evaluate(model_spec: str, *, baseline: str | None, dataset: str, seq_len: in
         raise BadInput(f"--seq-len {seq_len} is too small; use at least 2 tokens per window.")
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size} must be at least 1.")
+    backend = checked_backend(backend)
     data = load_text(dataset)
     report = {"model": str(model_spec), "baseline": baseline, "dataset": data.name, "dataset_sha256": data.sha256,
               "seq_len": seq_len, "backend": backend}

@@ -6,9 +6,11 @@ import warnings
 
 import torch
 
+from moefy.arch.base import ACTIVATION_NAMES
 from moefy.errors import BadInput
 from moefy.io.checkpoint import open_source
 from moefy.moe.modeling_moefy import MoefyConfig, MoefyForCausalLM
+from moefy_kernels import BACKENDS, resolve_backend
 
 _registered = False
 
@@ -17,14 +19,45 @@ def _register_native() -> None:
     global _registered
     if not _registered:
         from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
         AutoConfig.register(MoefyConfig.model_type, MoefyConfig, exist_ok=True)
         AutoModelForCausalLM.register(MoefyConfig, MoefyForCausalLM, exist_ok=True)
+        for name in BACKENDS:
+            ALL_EXPERTS_FUNCTIONS.register(experts_implementation(name), _hf_experts(name))
         _registered = True
 
 
+def checked_backend(backend: str, device: str = "cpu") -> str:
+    """The concrete moefy backend `backend` means on `device`; bad names are the user's input error."""
+    try:
+        return resolve_backend(backend, device)
+    except ValueError as exc:
+        raise BadInput(f"--backend: {exc}") from None
+
+
+def experts_implementation(backend: str) -> str:
+    """The name under which a moefy backend serves transformers' `experts_implementation` hook."""
+    return f"moefy_{backend}"
+
+
+def _hf_experts(backend: str):
+    """transformers' experts forward (routing already done by the model's own router) on a moefy backend."""
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        activation = ACTIVATION_NAMES.get(self.config.hidden_act, self.config.hidden_act)
+        out = BACKENDS[backend].experts(hidden_states, top_k_weights, top_k_index, self.gate_up_proj,
+                                        self.down_proj, activation, self.has_gate)
+        return out.to(hidden_states.dtype)
+
+    return forward
+
+
 def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
-    """`spec` is anything `convert` accepts as SOURCE, a moefy output directory, or an open Checkpoint."""
+    """`spec` is anything `convert` accepts as SOURCE, a moefy output directory, or an open Checkpoint.
+
+    MoE blocks run on `backend`: native blocks directly, standard exports (Mixtral, Qwen-MoE) through
+    transformers' experts-implementation hook.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -32,8 +65,9 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
     ckpt = open_source(spec)
     dtype = dtype or torch.float32
     kwargs = {"dtype": dtype}
+    backend = checked_backend(backend, device)
+    _register_native()
     if ckpt.config.get("model_type") == MoefyConfig.model_type:
-        _register_native()
         cls = MoefyForCausalLM
     else:
         cls = AutoModelForCausalLM
@@ -46,6 +80,8 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
     model.to(device).eval()
     if isinstance(model, MoefyForCausalLM):
         model.set_backend(backend)
+    elif model._can_set_experts_implementation():
+        model.set_experts_implementation(experts_implementation(backend))
     return model
 
 

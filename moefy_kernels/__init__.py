@@ -8,23 +8,39 @@ Backends: `reference` (plain loop, the oracle), `torch` (per-token loop / groupe
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from moefy_kernels.reference import moe_forward_reference
+from moefy_kernels.reference import experts_reference
 from moefy_kernels.routing import ACTIVATIONS, route
-from moefy_kernels.torch_ops import moe_forward_torch
+from moefy_kernels.torch_ops import experts_torch
 
-BACKENDS = {"reference": moe_forward_reference, "torch": moe_forward_torch}
+
+@dataclass(frozen=True)
+class Backend:
+    """route(logits, top_k, scoring, combine) → (weights [T, k] fp32, ids [T, k]);
+    experts(hidden, weights, ids, w13, w2, activation, gated) → Σ_k weight · expert(hidden), [T, H] fp32."""
+
+    route: Callable
+    experts: Callable
+
+
+def _route(logits, top_k, scoring, combine):
+    return route(logits, top_k, scoring=scoring, combine=combine)
+
+
+BACKENDS = {"reference": Backend(_route, experts_reference), "torch": Backend(_route, experts_torch)}
 try:
-    from moefy_kernels.triton_moe import moe_forward_triton
+    from moefy_kernels.triton_moe import experts_triton, route_triton
 except ImportError:  # triton is Linux-only; the other backends cover everything else
-    moe_forward_triton = None
+    pass
 else:
-    BACKENDS["triton"] = moe_forward_triton
+    BACKENDS["triton"] = Backend(route_triton, experts_triton)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-__all__ = ["moe_forward", "route", "BACKENDS", "resolve_backend", "check_inputs"]
+__all__ = ["moe_forward", "route", "Backend", "BACKENDS", "resolve_backend", "check_inputs"]
 
 
 def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
@@ -94,6 +110,14 @@ def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
     """
     check_inputs(hidden, router_logits, w13, w2, top_k, gated=gated, shared=shared, expert_scales=expert_scales,
                  activation=activation)
-    fn = BACKENDS[resolve_backend(backend, hidden.device)]
-    return fn(hidden, router_logits, w13, w2, top_k, scoring=scoring, combine=combine, activation=activation,
-              gated=gated, shared=shared, expert_scales=expert_scales)
+    chosen = BACKENDS[resolve_backend(backend, hidden.device)]
+    weights, experts = chosen.route(router_logits, top_k, scoring, combine)
+    if expert_scales is not None:
+        weights = weights * expert_scales.float()[experts]
+    out = chosen.experts(hidden, weights, experts, w13, w2, activation, gated)
+    if shared is not None:  # one expert that every token selects with weight 1: a dense GEMM pair
+        tokens = hidden.shape[0]
+        ones = torch.ones(tokens, 1, dtype=torch.float32, device=hidden.device)
+        zeros = torch.zeros(tokens, 1, dtype=torch.int64, device=hidden.device)
+        out = out + chosen.experts(hidden, ones, zeros, shared[0][None], shared[1][None], activation, gated)
+    return out.to(hidden.dtype)

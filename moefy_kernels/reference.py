@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from moefy_kernels.routing import activation_fn, route
+from moefy_kernels.routing import activation_fn
 
 
 def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
@@ -19,16 +19,11 @@ def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation:
     return act(x @ w13.T) @ w2.T
 
 
-def moe_forward_reference(hidden, router_logits, w13, w2, top_k, *, scoring="softmax", combine="renormalize",
-                          activation="silu", gated=True, shared=None, expert_scales=None):
-    weights, experts = route(router_logits, top_k, scoring=scoring, combine=combine)
-    out = torch.zeros_like(hidden, dtype=torch.float32)
+def experts_reference(hidden, weights, experts, w13, w2, activation, gated):
+    """Σ_j weights[t, j] · expert_{experts[t, j]}(hidden[t]), in fp32, token by token."""
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for t in range(hidden.shape[0]):
-        x = hidden[t].float()
-        for slot in range(top_k):
-            e = int(experts[t, slot])
-            scale = weights[t, slot] * (expert_scales[e].float() if expert_scales is not None else 1.0)
-            out[t] += scale * expert_mlp(x, w13[e].float(), w2[e].float(), activation, gated)
-        if shared is not None:
-            out[t] += expert_mlp(x, shared[0].float(), shared[1].float(), activation, gated)
-    return out.to(hidden.dtype)
+        for j in range(experts.shape[1]):
+            e = int(experts[t, j])
+            out[t] += weights[t, j] * expert_mlp(hidden[t].float(), w13[e].float(), w2[e].float(), activation, gated)
+    return out

@@ -1,6 +1,6 @@
-"""Fast PyTorch MoE forward (CPU and GPU): a per-token loop for one or two tokens, else tokens sorted
-by expert and two grouped matmuls (`torch._grouped_mm` where this build has it, else one matmul pair
-per hit expert on contiguous slices), the routing weight applied before `index_add_` back to tokens.
+"""Fast PyTorch experts (CPU and GPU): a per-token loop for one or two tokens, else (token, slot) pairs
+sorted by expert and two grouped matmuls (`torch._grouped_mm` where this build has it, else one matmul
+pair per hit expert on contiguous slices), the routing weight applied before `index_add_` back to tokens.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moefy_kernels.reference import expert_mlp
-from moefy_kernels.routing import activation_fn, route
+from moefy_kernels.routing import activation_fn
 
 PER_TOKEN_MAX = 2  # up to this many tokens, looping over the selected experts beats sorting
 
@@ -42,24 +42,17 @@ def _grouped(x_sorted, counts, w13, w2, act, gated):
     return out
 
 
-def moe_forward_torch(hidden, router_logits, w13, w2, top_k, *, scoring="softmax", combine="renormalize",
-                      activation="silu", gated=True, shared=None, expert_scales=None):
-    weights, experts = route(router_logits, top_k, scoring=scoring, combine=combine)
-    if expert_scales is not None:
-        weights = weights * expert_scales.float()[experts]
-    x = hidden.float()
-    w13, w2 = w13.float(), w2.float()
-    act = activation_fn(activation)
-    if 0 < hidden.shape[0] <= PER_TOKEN_MAX:
-        out = torch.stack([sum(weights[t, j] * expert_mlp(x[t], w13[e], w2[e], activation, gated)
-                               for j, e in enumerate(experts[t].tolist())) for t in range(x.shape[0])])
-    else:
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token_of_slot = order // top_k
-        counts = torch.bincount(flat, minlength=w13.shape[0])
-        y = _grouped(x[token_of_slot], counts, w13, w2, act, gated)
-        out = torch.zeros_like(x).index_add_(0, token_of_slot, y * weights.reshape(-1)[order, None])
-    if shared is not None:
-        out = out + expert_mlp(x, shared[0].float(), shared[1].float(), activation, gated)
-    return out.to(hidden.dtype)
+def experts_torch(hidden, weights, experts, w13, w2, activation, gated):
+    x, w13, w2, weights = hidden.float(), w13.float(), w2.float(), weights.float()
+    if x.shape[0] <= PER_TOKEN_MAX:
+        out = torch.zeros_like(x)
+        for t, row in enumerate(experts.tolist()):
+            for j, e in enumerate(row):
+                out[t] += weights[t, j] * expert_mlp(x[t], w13[e], w2[e], activation, gated)
+        return out
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of_slot = order // experts.shape[1]
+    counts = torch.bincount(flat, minlength=w13.shape[0])
+    y = _grouped(x[token_of_slot], counts, w13, w2, activation_fn(activation), gated)
+    return torch.zeros_like(x).index_add_(0, token_of_slot, y * weights.reshape(-1)[order, None])

@@ -14,7 +14,6 @@ In the spirit of vLLM's fused_moe, ScatterMoE and σ-MoE's CVMM, written for moe
 
 When T·k is small next to the number of experts, alignment would mostly add padding: `_gemv_up_kernel` /
 `_gemv_down_kernel` take one (token, slot) pair per program instead (no tl.dot, so any width works).
-The shared expert is the same kernels with one expert that every token selects (one dense GEMM pair).
 Accumulation is fp32 for bf16/fp16/fp32 inputs; fp32 inputs multiply in IEEE fp32 (no TF32).
 """
 
@@ -248,8 +247,8 @@ def _gemv_down_kernel(h_ptr, w_ptr, out_ptr, experts_ptr, weights_ptr, hidden, w
     tl.store(out_ptr + slot.to(tl.int64) * stride_os + cols, acc * weight, mask=col_ok)
 
 
-def experts_forward(hidden: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
-                    w2: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+def experts_triton(hidden: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
+                   w2: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
     """Σ_j weights[t, j] · expert_{experts[t, j]}(hidden[t]) → [T, H] fp32, for routing already decided."""
     num_tokens, dim = hidden.shape
     num_experts, width, top_k = w2.shape[0], w2.shape[2], experts.shape[1]
@@ -258,7 +257,8 @@ def experts_forward(hidden: torch.Tensor, weights: torch.Tensor, experts: torch.
     out = torch.empty(num_slots, dim, dtype=torch.float32, device=hidden.device)
     if num_slots == 0:
         return out.reshape(num_tokens, dim)
-    weights = weights.reshape(-1).contiguous()
+    weights = weights.reshape(-1).float().contiguous()
+    experts = experts.contiguous()
     if num_slots <= SMALL_BATCH_PAIRS:
         flat = experts.reshape(-1).contiguous()
         h = torch.empty(num_slots, width, dtype=hidden.dtype, device=hidden.device)
@@ -280,16 +280,3 @@ def experts_forward(hidden: torch.Tensor, weights: torch.Tensor, experts: torch.
             h, w2, out, slots, block_expert, weights, num_slots, num_experts, dim, width,
             h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), **flags)
     return out.view(num_tokens, top_k, dim).sum(dim=1)
-
-
-def moe_forward_triton(hidden, router_logits, w13, w2, top_k, *, scoring="softmax", combine="renormalize",
-                       activation="silu", gated=True, shared=None, expert_scales=None):
-    weights, experts = route_triton(router_logits, top_k, scoring, combine)
-    if expert_scales is not None:
-        weights = weights * expert_scales.float()[experts]
-    out = experts_forward(hidden, weights, experts, w13, w2, activation, gated)
-    if shared is not None:  # one expert every token selects with weight 1: a dense GEMM pair
-        ones = torch.ones(hidden.shape[0], 1, dtype=torch.float32, device=hidden.device)
-        zeros = torch.zeros(hidden.shape[0], 1, dtype=torch.int64, device=hidden.device)
-        out += experts_forward(hidden, ones, zeros, shared[0][None], shared[1][None], activation, gated)
-    return out.to(hidden.dtype)

@@ -102,7 +102,8 @@ def _case(tokens, experts, width, shared, dtype, hidden=32, gated=True, seed=0):
     w2 = torch.randn(experts, hidden, width, generator=g) / width ** 0.5
     x = torch.randn(tokens, hidden, generator=g)
     logits = torch.randn(tokens, experts, generator=g)
-    pair = (torch.randn(rows * 24, hidden, generator=g) / hidden ** 0.5, torch.randn(hidden, 24, generator=g) / 24 ** 0.5)
+    pair = (torch.randn(rows * 24, hidden, generator=g) / hidden ** 0.5,
+            torch.randn(hidden, 24, generator=g) / 24 ** 0.5)
     move = lambda t: t.to(DEVICE, dtype)  # noqa: E731
     return move(x), logits.to(DEVICE), move(w13), move(w2), tuple(map(move, pair)) if shared else None
 

@@ -100,7 +100,8 @@ def test_validate_passes_on_routed_exports(tiny, tmp_path, toy_recipe, fmt):
     report = read_json(report_path)
     assert all(k in report for k in VALIDATE_KEYS) and report["passed"] and report["max_abs_diff"] < 1e-5
     implementations = {r["implementation"] for r in report["blocks"]}
-    assert implementations == ({"moefy:torch"} if fmt == "native" else {"moefy:torch", "transformers"})
+    assert implementations == ({"moefy:torch"} if fmt == "native" else
+                               {"moefy:torch", "transformers", "transformers+moefy_torch"})
 
 
 def test_validate_catches_a_wrong_backend(tiny, tmp_path, toy_recipe, monkeypatch):
@@ -109,7 +110,8 @@ def test_validate_catches_a_wrong_backend(tiny, tmp_path, toy_recipe, monkeypatc
     out = tmp_path / "out"
     assert run_cli("convert", tiny("llama"), "-r", toy_recipe, "-o", out)[0] == 0
     real = moefy_kernels.BACKENDS["torch"]
-    monkeypatch.setitem(moefy_kernels.BACKENDS, "torch", lambda *a, **k: real(*a, **k) * 1.01)
+    wrong = moefy_kernels.Backend(real.route, lambda *a: real.experts(*a) * 1.01)
+    monkeypatch.setitem(moefy_kernels.BACKENDS, "torch", wrong)
     code, stdout, err = run_cli("validate", out)
     assert code == 1 and "does not match the reference" in err
 
