@@ -280,3 +280,26 @@ def experts_triton(hidden: torch.Tensor, weights: torch.Tensor, experts: torch.T
             h, w2, out, slots, block_expert, weights, num_slots, num_experts, dim, width,
             h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), **flags)
     return out.view(num_tokens, top_k, dim).sum(dim=1)
+
+
+def compile_for_gpu(arch: int, dtype: str = "bf16") -> str:
+    """Compile every kernel to a cubin for CUDA compute capability `arch` (80, 90, …) with the block sizes
+    used above; no GPU needed. Returns the kernel names. CI runs this where it has no GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fp32_pointers, index_pointers = {"out_ptr", "weights_ptr", "logits_ptr"}, {"slots_ptr", "block_expert_ptr",
+                                                                                "experts_ptr"}
+    meta = {"TOP_K": 2, "GATED": True, "ACT": 0, "IEEE": dtype == "fp32", "UPCAST": False, "SOFTMAX": True,
+            "COMBINE": 2, "BLOCK_E": 16, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
+    gemv = {"BLOCK_N": GEMV_BLOCK_N, "BLOCK_K": GEMV_BLOCK_K}
+    names = []
+    for kernel in (_route_kernel, _expert_up_kernel, _expert_down_kernel, _gemv_up_kernel, _gemv_down_kernel):
+        constexprs = {**meta, **(gemv if kernel in (_gemv_up_kernel, _gemv_down_kernel) else {})}
+        signature = {p.name: "constexpr" if p.is_constexpr else "*fp32" if p.name in fp32_pointers else
+                     "*i64" if p.name in index_pointers else f"*{dtype}" if p.name.endswith("_ptr") else "i32"
+                     for p in kernel.params}
+        source = ASTSource(kernel, signature, {k: constexprs[k] for k, v in signature.items() if v == "constexpr"})
+        triton.compile(source, target=GPUTarget("cuda", arch, 32))
+        names.append(kernel.__name__)
+    return " ".join(names)
