@@ -8,7 +8,7 @@ RECIPE ?= mlpmoe
 WINDOWS ?= 40
 OUT ?= out/demo-$(RECIPE)
 
-.PHONY: setup demo test bench bench-carve bench-fit-router clean
+.PHONY: setup demo test bench bench-moe bench-carve bench-fit-router clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ test: setup
 bench: setup
 	$(BIN)/python scripts/bench_convert.py
 	$(BIN)/python scripts/bench_slice_curve.py
+
+bench-moe: setup  # ~1 min on 2 cores: the kernel table of docs/BENCHMARKS.md
+	$(BIN)/python scripts/bench_moe.py --json docs/bench_moe.json
 
 bench-carve: setup  # ~40 min on 2 cores: the carve table of docs/BENCHMARKS.md
 	$(BIN)/python scripts/bench_carve.py --windows 40 --samples 16 --json docs/bench_carve.json

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+import moefy
 from moefy.evaluate import evaluate
 from tests.conftest import char_tokenizer, load_dense, read_json, run_cli
 
@@ -84,3 +85,18 @@ def test_eval_of_native_output_never_asks_for_remote_code(tiny, tmp_path, text_f
     code, stdout, err = run_cli("eval", out, "--dataset", text_file, "--seq-len", "64")
     assert code == 0, err
     assert "custom code" not in stdout + err and "trust_remote_code" not in stdout + err
+
+
+def test_eval_backends_agree_on_a_standard_export(tiny, tmp_path, text_file):
+    """A Mixtral export runs on every moefy backend through transformers' experts hook (triton: interpreter)."""
+    src = tiny("llama")
+    out = tmp_path / "out"
+    assert run_cli("convert", src, "-r", "upcycle-8x2", "-o", out)[0] == 0
+    assert read_json(out / "config.json")["model_type"] == "mixtral"
+    reports = {backend: evaluate(str(out), baseline=None, dataset=str(text_file), seq_len=32, max_windows=2,
+                                 backend=backend) for backend in ("auto", "reference", "triton")}
+    assert [r["backend"] for r in reports.values()] == ["torch", "reference", "triton"]
+    assert moefy.load(out, backend="triton").config._experts_implementation == "moefy_triton"
+    dense = evaluate(str(src), baseline=None, dataset=str(text_file), seq_len=32, max_windows=2)["ppl"]
+    for report in reports.values():  # upcycling is exact at init, on every backend
+        assert math.isclose(report["ppl"], dense, rel_tol=1e-5)

@@ -89,19 +89,21 @@ def test_prob_combine_is_exact_in_qwen2_moe(tiny, tmp_path, toy_recipe):
 VALIDATE_KEYS = ("backend", "max_abs_diff", "max_rel_diff", "tokens", "passed")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: in the interpreter on CPU
 @pytest.mark.parametrize("fmt", ["native", "qwen2_moe"])
-def test_validate_passes_on_routed_exports(tiny, tmp_path, toy_recipe, fmt):
+def test_validate_passes_on_routed_exports(tiny, tmp_path, toy_recipe, fmt, backend):
     out = tmp_path / "out"
     extra = ["--set", "transforms.0.toy_route.combine=prob"] if fmt == "qwen2_moe" else []
     assert run_cli("convert", tiny("llama"), "-r", toy_recipe, "-o", out, "--format", fmt, *extra)[0] == 0
     report_path = tmp_path / "v.json"
-    code, stdout, err = run_cli("validate", out, "--json", report_path)
+    code, stdout, err = run_cli("validate", out, "--json", report_path, "--backend", backend)
     assert code == 0, stdout + err
     report = read_json(report_path)
     assert all(k in report for k in VALIDATE_KEYS) and report["passed"] and report["max_abs_diff"] < 1e-5
+    assert report["backend"] == backend
     implementations = {r["implementation"] for r in report["blocks"]}
-    assert implementations == ({"moefy:torch"} if fmt == "native" else
-                               {"moefy:torch", "transformers", "transformers+moefy_torch"})
+    assert implementations == ({f"moefy:{backend}"} if fmt == "native" else
+                               {f"moefy:{backend}", "transformers", f"transformers+moefy_{backend}"})
 
 
 def test_validate_catches_a_wrong_backend(tiny, tmp_path, toy_recipe, monkeypatch):
