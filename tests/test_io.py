@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moefy.export.native import NativeFormat
-from tests.conftest import assert_matches_dense, read_json, run_cli
+from tests.conftest import REPO, assert_matches_dense, read_json, run_cli
 
 
 def test_sharded_safetensors_source(tiny, tmp_path):
@@ -80,3 +80,13 @@ def test_parent_that_is_a_file_is_bad_input(tiny, tmp_path):
     (tmp_path / "file").write_text("x")
     code, _, err = run_cli("convert", tiny("llama"), "-r", "mlpmoe", "-o", tmp_path / "file" / "out")
     assert code == 2 and "cannot be created" in err
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")) +
+                         [REPO / "examples" / name for name in ("carve-25-wide.yaml", "fit-router-64k.yaml")],
+                         ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe):
+    """Every built-in and example recipe parses and builds its transforms with validated options."""
+    from moefy.recipe import load_recipe
+
+    assert load_recipe(str(recipe)).build_transforms(seed=0)
