@@ -113,7 +113,8 @@ def align(experts: torch.Tensor, num_experts: int, block_m: int):
     """
     flat = experts.reshape(-1)
     num_slots = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: bincount reads the maximum id back to size its output (a host sync on CUDA)
+    counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     order = torch.argsort(flat, stable=True)
