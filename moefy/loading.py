@@ -15,7 +15,7 @@ from moefy_kernels import BACKENDS, resolve_backend
 _registered = False
 
 
-def _register_native() -> None:
+def _register_with_transformers() -> None:
     global _registered
     if not _registered:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -39,6 +39,13 @@ def checked_backend(backend: str, device: str = "cpu") -> str:
 def experts_implementation(backend: str) -> str:
     """The name under which a moefy backend serves transformers' `experts_implementation` hook."""
     return f"moefy_{backend}"
+
+
+def _runs_on_moefy(model) -> bool:
+    """Whether every experts module has the layout moefy's backends compute: [gate; up] rows, no bias."""
+    experts = [m for m in model.modules() if hasattr(m, "is_concatenated") and hasattr(m, "gate_up_proj")]
+    return bool(experts) and all(m.is_concatenated and not m.is_transposed and not m.has_bias
+                                 and not getattr(m, "has_post_expert_norm", False) for m in experts)
 
 
 def _hf_experts(backend: str):
@@ -66,7 +73,7 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
     dtype = dtype or torch.float32
     kwargs = {"dtype": dtype}
     backend = checked_backend(backend, device)
-    _register_native()
+    _register_with_transformers()
     if ckpt.config.get("model_type") == MoefyConfig.model_type:
         cls = MoefyForCausalLM
     else:
@@ -80,7 +87,7 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
     model.to(device).eval()
     if isinstance(model, MoefyForCausalLM):
         model.set_backend(backend)
-    elif model._can_set_experts_implementation():
+    elif model._can_set_experts_implementation() and _runs_on_moefy(model):
         model.set_experts_implementation(experts_implementation(backend))
     return model
 
@@ -89,7 +96,7 @@ def load_tokenizer(spec):
     from transformers import AutoTokenizer
 
     ckpt = open_source(spec)
-    _register_native()  # AutoTokenizer reads config.json; the native model type must be known, not remote code
+    _register_with_transformers()  # AutoTokenizer reads config.json: the native model type must be known
     try:
         return AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
