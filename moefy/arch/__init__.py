@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from moefy.arch import llama, mistral, qwen2, qwen3
+from moefy.arch import gemma, gemma2, gemma3, granite, llama, mistral, olmo2, qwen2, qwen3
 from moefy.arch.base import ArchAdapter
 from moefy.errors import BadInput
 
 ADAPTERS: dict[str, ArchAdapter] = {
+    "gemma": gemma.ADAPTER,
+    "gemma2": gemma2.ADAPTER,
+    "gemma3_text": gemma3.ADAPTER,
+    "granite": granite.ADAPTER,
     "llama": llama.ADAPTER,
+    "olmo2": olmo2.ADAPTER,
     "mistral": mistral.ADAPTER,
     "qwen2": qwen2.ADAPTER,
     "qwen3": qwen3.ADAPTER,

@@ -25,6 +25,7 @@ class ArchAdapter:
     up: str = "up_proj"
     down: str = "down_proj"
     activation_key: str = "hidden_act"
+    activation_aliases: tuple[tuple[str, str], ...] = ()  # config value → what the family's code really runs
     lm_head: str = "lm_head.weight"  # not written when the config ties it to the embeddings
 
     @property
@@ -46,7 +47,8 @@ class ArchAdapter:
         return names
 
     def activation(self, config: dict) -> str:
-        act = config.get(self.activation_key, "silu")
+        act = dict(self.activation_aliases).get(config.get(self.activation_key, "silu"),
+                                                config.get(self.activation_key, "silu"))
         if act not in ACTIVATION_NAMES:
             raise ValueError(f"activation {act!r} of {self.model_type} is not supported")
         return ACTIVATION_NAMES[act]

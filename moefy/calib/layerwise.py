@@ -63,7 +63,10 @@ class LayerwiseRunner:
 
         fields = {k: v for k, v in ckpt.config.items() if k not in ("architectures", "transformers_version")}
         config = AutoConfig.for_model(**fields)
-        config._attn_implementation = "sdpa"
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        # sdpa where the family has it (Gemma 2 does not: soft-capping), the family's eager attention otherwise
+        config._attn_implementation = "sdpa" if MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa else "eager"
         config.use_cache = False
         self.ckpt, self.adapter, self.device = ckpt, adapter, torch.device(device)
         with warnings.catch_warnings(), torch.device("meta"):

@@ -217,8 +217,10 @@ class MoefyForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MoefyConfig):
         super().__init__(config)
         base_config = config.base_config()
-        base_config._attn_implementation = config._attn_implementation
         dense_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(base_config)]
+        attention = config._attn_implementation  # sdpa by default, which not every family has (Gemma 2)
+        base_config._attn_implementation = "eager" if attention == "sdpa" and not dense_cls._supports_sdpa \
+            else attention
         dense = dense_cls(base_config)
         for name, child in dense.named_children():
             setattr(self, name, child)

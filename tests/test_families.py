@@ -1,0 +1,54 @@
+"""Families whose MLP is a plain gated block (everything family-specific sits outside it): every transform
+is exact where the math says so, through both loaders of the native format."""
+
+import pytest
+import torch
+
+from tests.conftest import load_dense, logits, random_ids, read_json, run_cli
+
+# config overrides that make each tiny model exercise its family's specifics
+FAMILY_CONFIGS = {
+    "gemma": dict(head_dim=16),  # GeGLU (tanh GELU), √H embedding scale
+    "gemma2": dict(head_dim=16, sliding_window=8),  # pre/post-FFN norms, soft-capping, sliding layers, eager attention
+    "gemma3_text": dict(head_dim=16, sliding_window=8),  # sliding/global layers, q/k norms
+    "olmo2": {},  # post-norms, q/k norms
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0, attention_multiplier=0.3),
+}
+# (recipe, overrides): the identity slice, upcycling at init, a carve with every expert active
+TRANSFORMS = {
+    "slice": ("mlpmoe", []),
+    "upcycle": ("upcycle-8x2", []),
+    "carve-100%": ("carve-50", ["transforms.0.carve.experts=8", "transforms.0.carve.shared=0",
+                                "transforms.0.carve.top_k=8", "transforms.0.carve.compensation.refit_down=false",
+                                "calibration.samples=4", "calibration.seq_len=32"]),
+}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_transform_is_exact_on_family(tiny, tmp_path, text_file, family, transform):
+    from transformers import AutoModelForCausalLM
+
+    import moefy
+
+    src = tiny(family, **FAMILY_CONFIGS[family])
+    recipe, sets = TRANSFORMS[transform]
+    out = tmp_path / "out"
+    code, _, stderr = run_cli("convert", src, "-r", recipe, "-o", out, "--calib", text_file,
+                              *[a for s in sets for a in ("--set", s)])
+    assert code == 0, stderr
+    config = read_json(out / "config.json")
+    assert config["model_type"] == "moefy" and config["base_model_type"] == family  # no exact standard format
+    ids = random_ids()
+    expected = logits(load_dense(src), ids)
+    torch.testing.assert_close(logits(moefy.load(out), ids), expected, atol=1e-5, rtol=0)
+    stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(stock, ids), expected, atol=1e-5, rtol=0)
+
+
+def test_legacy_gemma_gelu_means_tanh(tiny):
+    """Released Gemma configs say `gelu`; Gemma's own code runs the tanh approximation."""
+    from moefy.arch import ADAPTERS
+
+    assert ADAPTERS["gemma"].activation({"hidden_act": "gelu"}) == "gelu_tanh"
+    assert ADAPTERS["gemma2"].activation({"hidden_activation": "gelu_pytorch_tanh"}) == "gelu_tanh"
