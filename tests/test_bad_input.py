@@ -36,7 +36,8 @@ def test_unsupported_architecture(tiny, tmp_path):
     config = json.loads((src / "config.json").read_text())
     config["model_type"] = "mixtral"
     (src / "config.json").write_text(json.dumps(config))
-    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", tmp_path / "out"], "'mixtral'", "Supported: llama")
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", tmp_path / "out"], "'mixtral'", "Supported: gemma, gemma2",
+                "llama")
 
 
 def test_truncated_safetensors(tiny, tmp_path):
