@@ -1,5 +1,6 @@
-"""Families whose MLP is a plain gated block (everything family-specific sits outside it): every transform
-is exact where the math says so, through both loaders of the native format."""
+"""Families whose MLP is a gated block (everything family-specific sits outside it; Phi-3 fuses gate and
+up into one projection): every transform is exact where the math says so, through both loaders of the
+native format."""
 
 import pytest
 import torch
@@ -12,14 +13,17 @@ FAMILY_CONFIGS = {
     "gemma2": dict(head_dim=16, sliding_window=8),  # pre/post-FFN norms, soft-capping, sliding layers, eager attention
     "gemma3_text": dict(head_dim=16, sliding_window=8),  # sliding/global layers, q/k norms
     "olmo2": {},  # post-norms, q/k norms
+    "phi3": dict(pad_token_id=0),  # one fused gate_up_proj
     "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0, attention_multiplier=0.3),
 }
-# (recipe, overrides): the identity slice, upcycling at init, a carve with every expert active
+# (recipe, overrides): the identity slice, upcycling at init, a carve with every expert active (and layer 0
+# left dense, so the family's own MLP layout is written back)
 TRANSFORMS = {
     "slice": ("mlpmoe", []),
     "upcycle": ("upcycle-8x2", []),
     "carve-100%": ("carve-50", ["transforms.0.carve.experts=8", "transforms.0.carve.shared=0",
                                 "transforms.0.carve.top_k=8", "transforms.0.carve.compensation.refit_down=false",
+                                "transforms.0.carve.dense_layers=[0]",
                                 "calibration.samples=4", "calibration.seq_len=32"]),
 }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moefy.arch import gemma, gemma2, gemma3, granite, llama, mistral, olmo2, qwen2, qwen3
+from moefy.arch import gemma, gemma2, gemma3, granite, llama, mistral, olmo2, phi3, qwen2, qwen3
 from moefy.arch.base import ArchAdapter
 from moefy.errors import BadInput
 
@@ -13,6 +13,7 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "granite": granite.ADAPTER,
     "llama": llama.ADAPTER,
     "olmo2": olmo2.ADAPTER,
+    "phi3": phi3.ADAPTER,
     "mistral": mistral.ADAPTER,
     "qwen2": qwen2.ADAPTER,
     "qwen3": qwen3.ADAPTER,

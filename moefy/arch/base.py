@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 # transformers `hidden_act` names → moefy_kernels activation names
 ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
                     "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
@@ -24,13 +26,14 @@ class ArchAdapter:
     gate: str | None = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    gate_up: str | None = None  # one fused [gate; up] projection (Phi-3) instead of `gate` and `up`
     activation_key: str = "hidden_act"
     activation_aliases: tuple[tuple[str, str], ...] = ()  # config value → what the family's code really runs
     lm_head: str = "lm_head.weight"  # not written when the config ties it to the embeddings
 
     @property
     def gated(self) -> bool:
-        return self.gate is not None
+        return self.gate is not None or self.gate_up is not None
 
     def num_layers(self, config: dict) -> int:
         return int(config["num_hidden_layers"])
@@ -39,12 +42,28 @@ class ArchAdapter:
         return f"{self.layers_prefix}.{layer}.{self.mlp_attr}"
 
     def mlp_weight_names(self, layer: int) -> dict[str, str]:
-        """{"gate"?, "up", "down"} → state-dict names of that layer's MLP weights."""
+        """{"gate"?, "up", "down"} (or {"gate_up", "down"}) → state-dict names of that layer's MLP weights."""
         prefix = self.mlp_prefix(layer)
+        if self.gate_up:
+            return {"gate_up": f"{prefix}.{self.gate_up}.weight", "down": f"{prefix}.{self.down}.weight"}
         names = {"up": f"{prefix}.{self.up}.weight", "down": f"{prefix}.{self.down}.weight"}
         if self.gate:
             names["gate"] = f"{prefix}.{self.gate}.weight"
         return names
+
+    def mlp_roles(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors named by `mlp_weight_names` as {"gate"?, "up", "down"}."""
+        if "gate_up" not in weights:
+            return weights
+        gate, up = weights["gate_up"].chunk(2, dim=0)
+        return {"gate": gate, "up": up, "down": weights["down"]}
+
+    def mlp_tensors(self, layer: int, gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor) -> dict:
+        """A dense MLP in this family's own state-dict layout (the inverse of `mlp_roles`)."""
+        names = self.mlp_weight_names(layer)
+        if self.gate_up:
+            return {names["gate_up"]: torch.cat([gate, up]), names["down"]: down}
+        return {names[role]: t for role, t in (("gate", gate), ("up", up), ("down", down)) if t is not None}
 
     def activation(self, config: dict) -> str:
         act = dict(self.activation_aliases).get(config.get(self.activation_key, "silu"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from moefy.export.base import ExportFormat, dense_tensors
+from moefy.export.base import ExportFormat
 from moefy.moe.layer import DenseMLP
 
 # Referenced by path, not imported: the modeling code pulls in transformers' model stack (~3.5 s),
@@ -35,7 +35,7 @@ class NativeFormat(ExportFormat):
     def layer_tensors(self, layer, block, source):
         prefix = source.adapter.mlp_prefix(layer)
         if isinstance(block, DenseMLP):
-            return dense_tensors(prefix, block, (source.adapter.gate, source.adapter.up, source.adapter.down))
+            return source.adapter.mlp_tensors(layer, block.gate, block.up, block.down)
         tensors = {f"{prefix}.experts.gate_up_proj": packed_gate_up(block.mlp, block.widths),
                    f"{prefix}.experts.down_proj": block.mlp.down,
                    f"{prefix}.expert_scales": block.scales}

@@ -124,4 +124,5 @@ def read_mlp(ckpt, info: SourceInfo, layer: int) -> DenseMLP:
             raise CheckFailed(f"{name} in {ckpt.path} contains NaN or Inf; moefy will not convert a broken "
                               f"checkpoint. Repair or re-download it.")
         weights[role] = tensor
+    weights = info.adapter.mlp_roles(weights)
     return DenseMLP(weights.get("gate"), weights["up"], weights["down"], info.adapter.activation(info.config))
