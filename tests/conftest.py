@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# config overrides that make each tiny model exercise its family's specifics
+FAMILY_CONFIGS = {
+    "gemma": dict(head_dim=16),  # GeGLU (tanh GELU), √H embedding scale
+    "gemma2": dict(head_dim=16, sliding_window=8),  # pre/post-FFN norms, soft-capping, sliding layers, eager attention
+    "gemma3_text": dict(head_dim=16, sliding_window=8),  # sliding/global layers, q/k norms
+    "olmo2": {},  # post-norms, q/k norms
+    "phi3": dict(pad_token_id=0),  # one fused gate_up_proj
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0, attention_multiplier=0.3),
+}
 STANDARD_FORMATS = {"llama": ("mixtral", "qwen2_moe"), "mistral": ("mixtral",), "qwen2": ("qwen2_moe",),
                     "qwen3": ("qwen3_moe",)}
 

@@ -11,7 +11,7 @@ from moefy.calib import load_calibration
 from moefy.calib.routers import ridge_router, top_k_recall
 from moefy.io.checkpoint import open_source
 from moefy.transforms.carve import balanced_clusters
-from tests.conftest import assert_matches_dense, load_dense, logits, random_ids, read_json, run_cli
+from tests.conftest import FAMILY_CONFIGS, assert_matches_dense, load_dense, logits, random_ids, read_json, run_cli
 
 
 def _recipe(directory: Path) -> Path:
@@ -28,10 +28,11 @@ def _carve(tiny_dir, text_file, out, *sets, fmt="auto"):
     return read_json(out / "moefy.json")
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", *FAMILY_CONFIGS])
 def test_layer_inputs_match_the_dense_model(tiny, text_file, family):
-    """The meta-device runner reproduces what the real model feeds each MLP, bit for bit."""
-    overrides = {"sliding_window": 8} if family == "mistral" else {}
+    """The meta-device runner reproduces what the real model feeds each MLP, bit for bit — also where the
+    layer norms or scales the MLP's output before the residual add (Gemma 2/3, OLMo 2, Granite)."""
+    overrides = {"sliding_window": 8} if family == "mistral" else FAMILY_CONFIGS.get(family, {})
     path = tiny(family, **overrides)
     ckpt = open_source(path)
     calibration = load_calibration(ckpt, str(text_file), 3, 24, batch_size=2)

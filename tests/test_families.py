@@ -5,17 +5,8 @@ native format."""
 import pytest
 import torch
 
-from tests.conftest import load_dense, logits, random_ids, read_json, run_cli
+from tests.conftest import FAMILY_CONFIGS, load_dense, logits, random_ids, read_json, run_cli
 
-# config overrides that make each tiny model exercise its family's specifics
-FAMILY_CONFIGS = {
-    "gemma": dict(head_dim=16),  # GeGLU (tanh GELU), √H embedding scale
-    "gemma2": dict(head_dim=16, sliding_window=8),  # pre/post-FFN norms, soft-capping, sliding layers, eager attention
-    "gemma3_text": dict(head_dim=16, sliding_window=8),  # sliding/global layers, q/k norms
-    "olmo2": {},  # post-norms, q/k norms
-    "phi3": dict(pad_token_id=0),  # one fused gate_up_proj
-    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0, attention_multiplier=0.3),
-}
 # (recipe, overrides): the identity slice, upcycling at init, a carve with every expert active (and layer 0
 # left dense, so the family's own MLP layout is written back)
 TRANSFORMS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,9 @@ class ArchAdapter:
     activation_key: str = "hidden_act"
     activation_aliases: tuple[tuple[str, str], ...] = ()  # config value → what the family's code really runs
     lm_head: str = "lm_head.weight"  # not written when the config ties it to the embeddings
+    # what the decoder layer does to the MLP's output before adding it to the residual (a post-FFN norm, a
+    # residual multiplier), as (layer module, output) → output; it must map 0 to 0. None: nothing.
+    mlp_output: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def gated(self) -> bool:

@@ -1,4 +1,5 @@
 from moefy.arch.base import ArchAdapter
 
-# extra pre/post-FFN norms, soft-capping and sliding layers live outside the MLP: the base model keeps them
-ADAPTER = ArchAdapter("gemma2", activation_key="hidden_activation")
+# soft-capping and sliding layers live outside the MLP; its output is normalised before the residual add
+ADAPTER = ArchAdapter("gemma2", activation_key="hidden_activation",
+                      mlp_output=lambda layer, y: layer.post_feedforward_layernorm(y))

@@ -1,3 +1,4 @@
 from moefy.arch.base import ArchAdapter
 
-ADAPTER = ArchAdapter("granite")  # embedding/residual/attention/logit multipliers sit outside the MLP
+# embedding/attention/logit multipliers sit outside the MLP; its output is scaled before the residual add
+ADAPTER = ArchAdapter("granite", mlp_output=lambda layer, y: y * layer.residual_multiplier)

@@ -6,9 +6,9 @@ code passes to each decoder layer (masks, position embeddings), so no architectu
 re-implemented here.  Then, layer by layer: load its weights, run every calibration sample with the
 MLP swapped for a probe that records its input and adds nothing, hand those inputs to the
 transforms, and add the *transformed* MLP's output back (sequential mode: later layers see earlier
-layers' errors) or the dense MLP's (independent mode).  This relies on the MLP output being added
-to the residual stream as is (pre-norm decoders, parallel attention+MLP); families with a norm after
-the MLP (Gemma 2/3, not supported yet) will need that norm applied in `advance`.
+layers' errors) or the dense MLP's (independent mode).  What a layer does to the MLP output before
+the residual add (Gemma 2/3 and OLMo 2 normalise it, Granite scales it) is the adapter's
+`mlp_output`, applied in `advance`; the probe's zero output passes through it as zero.
 """
 
 from __future__ import annotations
@@ -134,8 +134,9 @@ class LayerwiseRunner:
 
     def advance(self, mlp: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Finish the current layer with `mlp` ([N, H] → [N, H]) and free its weights."""
+        post = self.adapter.mlp_output or (lambda layer, y: y)
         with torch.inference_mode():
-            self._hidden = [p + mlp(x.reshape(-1, x.shape[-1]).cpu()).to(p.device).view_as(x)
+            self._hidden = [p + post(self._layer, mlp(x.reshape(-1, x.shape[-1]).cpu()).to(p.device).view_as(x))
                             for p, x in zip(self._partial, self._inputs)]
         self._layer.to("meta")
         self._layer = None
