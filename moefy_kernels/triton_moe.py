@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moefy_kernels.routing import COMBINES, SCORINGS
+from moefy_kernels.routing import COMBINES, check_semantics
 
 ACTIVATION_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 SMALL_BATCH_PAIRS = 32  # T·k up to this: one program per (token, slot) pair, no alignment
@@ -92,8 +92,7 @@ def _route_kernel(logits_ptr, weights_ptr, experts_ptr, num_experts, stride_t,
 
 def route_triton(router_logits: torch.Tensor, top_k: int, scoring: str, combine: str):
     """(weights [T, k] fp32, expert ids [T, k] int64), the semantics of `moefy_kernels.routing.route`."""
-    if scoring not in SCORINGS or combine not in COMBINES:
-        raise ValueError(f"unknown scoring/combine {scoring!r}/{combine!r}; expected {SCORINGS} / {COMBINES}")
+    check_semantics(scoring, combine)
     num_tokens, num_experts = router_logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
     experts = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
