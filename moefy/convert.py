@@ -171,7 +171,7 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
     pipeline calibrates), then every other tensor in shard order."""
     adapter = info.adapter
     num_layers = adapter.num_layers(info.config)
-    mlp_names = [adapter.mlp_weight_names(layer) for layer in range(num_layers)]
+    mlp_names = [adapter.mlp_weight_names(layer, info.config) for layer in range(num_layers)]
     missing = [n for names in mlp_names for n in names.values() if not ckpt.has(n)]
     if missing:
         raise BadInput(f"{ckpt.path} lacks MLP weight {missing[0]!r} (and {len(missing) - 1} more) that a "

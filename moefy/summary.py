@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from moefy.arch import ADAPTERS
+from moefy.arch.base import ArchAdapter
 from moefy.errors import BadInput
 from moefy.export import FORMATS
 from moefy.io.checkpoint import Checkpoint, open_source
@@ -15,8 +16,9 @@ from moefy.io.safetensors_header import read_header
 FORMAT_OF_MODEL_TYPE = {fmt.model_type: name for name, fmt in FORMATS.items()}
 
 
-def _mlp_params(hidden: int, width: int, gated: bool) -> int:
-    return (3 if gated else 2) * hidden * width
+def _mlp_params(hidden: int, width: int, gated: bool, bias: bool) -> int:
+    """Weights and input biases of `width` neurons (an output bias is always active and not counted here)."""
+    return (3 if gated else 2) * hidden * width + ((2 if gated else 1) * width if bias else 0)
 
 
 def summarize(source: Path | Checkpoint) -> dict:
@@ -30,29 +32,30 @@ def summarize(source: Path | Checkpoint) -> dict:
             params_total += sum(math.prod(t["shape"]) for t in read_header(shard).values())
         else:
             params_total += sum(t.numel() for t in ckpt._load_bin(shard).values())
-    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     if model_type in FORMAT_OF_MODEL_TYPE:
         fmt = FORMAT_OF_MODEL_TYPE[model_type]
         specs = FORMATS[fmt].block_specs(config)
         architecture = config.get("base_model_type", model_type)
-        dense_width = config.get("intermediate_size", 0)
     elif model_type in ADAPTERS:
         fmt, specs, architecture = "dense", {}, model_type
-        dense_width = ADAPTERS[model_type].mlp_width(config)
     else:
         raise BadInput(f"{ckpt.path}: model_type {model_type!r} is neither a supported dense family "
                        f"({', '.join(sorted(ADAPTERS))}) nor a MoE format moefy writes.")
-    gated = ADAPTERS[architecture].gated if architecture in ADAPTERS else True
+    adapter = ADAPTERS.get(architecture) or ArchAdapter(architecture)  # standard MoE configs use standard names
+    hidden, layers = adapter.hidden_size(config), adapter.num_layers(config)
+    dense_width = adapter.mlp_width(config) if architecture in ADAPTERS else config.get("intermediate_size", 0)
+    dense_bias = adapter.mlp_bias(config)
     mlp_total = mlp_active = 0
     inactive = 0
     for layer in range(layers):
         spec = specs.get(layer)
         if spec is None:
-            dense = _mlp_params(hidden, dense_width, gated)
+            dense = _mlp_params(hidden, dense_width, adapter.gated, dense_bias)
             mlp_total, mlp_active = mlp_total + dense, mlp_active + dense
             continue
-        expert = [_mlp_params(hidden, w, spec["gated"]) for w in spec["widths"]]
-        shared = _mlp_params(hidden, spec["shared_width"], spec["gated"])
+        bias = spec.get("expert_bias", False)
+        expert = [_mlp_params(hidden, w, spec["gated"], bias) for w in spec["widths"]]
+        shared = _mlp_params(hidden, spec["shared_width"], spec["gated"], bias)
         # routed experts have equal widths, so any top_k of them cost the same
         active = sum(sorted(expert, reverse=True)[: spec["top_k"]]) + shared
         mlp_total += sum(expert) + shared

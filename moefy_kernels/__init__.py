@@ -21,7 +21,7 @@ from moefy_kernels.torch_ops import experts_torch
 @dataclass(frozen=True)
 class Backend:
     """route(logits, top_k, scoring, combine) → (weights [T, k] fp32, ids [T, k]);
-    experts(hidden, weights, ids, w13, w2, activation, gated) → Σ_k weight · expert(hidden), [T, H] fp32."""
+    experts(hidden, weights, ids, w13, w2, activation, gated, b13=None) → Σ_k weight · expert(hidden), [T, H] fp32."""
 
     route: Callable
     experts: Callable
@@ -58,7 +58,7 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
 
 
 def check_inputs(hidden, router_logits, w13, w2, top_k, *, gated=True, shared=None, expert_scales=None,
-                 activation="silu") -> None:
+                 activation="silu", b13=None) -> None:
     """Raise ValueError naming the first inconsistent argument instead of computing garbage."""
     def fail(msg):
         raise ValueError(f"moe_forward: {msg}")
@@ -80,12 +80,22 @@ def check_inputs(hidden, router_logits, w13, w2, top_k, *, gated=True, shared=No
     if activation not in ACTIVATIONS:
         fail(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
     tensors = {"hidden": hidden, "w13": w13, "w2": w2}
+    if b13 is not None:
+        if tuple(b13.shape) != (experts, rows):
+            fail(f"b13 (the experts' input biases) must be [E={experts}, {rows}], got {tuple(b13.shape)}")
+        tensors["b13"] = b13
     if shared is not None:
-        s13, s2 = shared
+        if len(shared) not in (2, 3):
+            fail("shared must be (w13, w2) or (w13, w2, b13)")
+        s13, s2 = shared[:2]
         if s13.dim() != 2 or s2.dim() != 2 or s13.shape[1] != dim or s2.shape[0] != dim or \
                 s13.shape[0] != (2 if gated else 1) * s2.shape[1]:
             fail(f"shared must be (w13 [2*Is, H={dim}], w2 [H={dim}, Is]), got {tuple(s13.shape)}, {tuple(s2.shape)}")
         tensors.update(shared_w13=s13, shared_w2=s2)
+        if len(shared) == 3 and shared[2] is not None:
+            if tuple(shared[2].shape) != (s13.shape[0],):
+                fail(f"the shared expert's b13 must be [{s13.shape[0]}], got {tuple(shared[2].shape)}")
+            tensors["shared_b13"] = shared[2]
     if expert_scales is not None and tuple(expert_scales.shape) != (experts,):
         fail(f"expert_scales must be [E={experts}], got {tuple(expert_scales.shape)}")
     for name, tensor in tensors.items():
@@ -102,22 +112,26 @@ def check_inputs(hidden, router_logits, w13, w2, top_k, *, gated=True, shared=No
 def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
                 *, scoring: str = "softmax", combine: str = "renormalize", activation: str = "silu",
                 gated: bool = True, shared=None, expert_scales: torch.Tensor | None = None,
-                backend: str = "auto") -> torch.Tensor:
+                b13: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Top-k routed experts (+ optional always-on shared expert) on hidden [T, H] → [T, H].
 
-    w13 is [E, 2*I, H] (gate rows then up rows; [E, I, H] when not gated), w2 is [E, H, I];
-    expert_scales [E] multiplies each expert's output on top of its combine weight.
+    w13 is [E, 2*I, H] (gate rows then up rows; [E, I, H] when not gated), w2 is [E, H, I]; b13 [E, 2*I]
+    the experts' input biases (GPT-2-style MLPs; an output bias belongs to the layer, not to the experts);
+    shared is (w13, w2) or (w13, w2, b13); expert_scales [E] multiplies each expert's output on top of its
+    combine weight.
     """
     check_inputs(hidden, router_logits, w13, w2, top_k, gated=gated, shared=shared, expert_scales=expert_scales,
-                 activation=activation)
+                 activation=activation, b13=b13)
     chosen = BACKENDS[resolve_backend(backend, hidden.device)]
     weights, experts = chosen.route(router_logits, top_k, scoring, combine)
     if expert_scales is not None:
         weights = weights * expert_scales.float()[experts]
-    out = chosen.experts(hidden, weights, experts, w13, w2, activation, gated)
+    out = chosen.experts(hidden, weights, experts, w13, w2, activation, gated, b13)
     if shared is not None:  # one expert that every token selects with weight 1: a dense GEMM pair
         tokens = hidden.shape[0]
         ones = torch.ones(tokens, 1, dtype=torch.float32, device=hidden.device)
         zeros = torch.zeros(tokens, 1, dtype=torch.int64, device=hidden.device)
-        out = out + chosen.experts(hidden, ones, zeros, shared[0][None], shared[1][None], activation, gated)
+        shared_b13 = shared[2][None] if len(shared) == 3 and shared[2] is not None else None
+        out = out + chosen.experts(hidden, ones, zeros, shared[0][None], shared[1][None], activation, gated,
+                                   shared_b13)
     return out.to(hidden.dtype)

@@ -28,34 +28,40 @@ def _glu(z: torch.Tensor, act, gated: bool) -> torch.Tensor:
     return act(gate) * up
 
 
-def _grouped(x_sorted, row_weights, counts, w13, w2, act, gated):
-    """row_weights · expert e on rows counts[:e].sum() … counts[:e+1].sum() of x_sorted."""
+def _grouped(x_sorted, row_weights, row_bias, counts, w13, w2, act, gated):
+    """row_weights · expert e on rows counts[:e].sum() … counts[:e+1].sum() of x_sorted; row_bias: each row's
+    expert input bias [N, rows] or None."""
     if _has_grouped_mm(x_sorted):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        h = _glu(torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs), act, gated) * row_weights
+        z = torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs)
+        h = _glu(z if row_bias is None else z + row_bias, act, gated) * row_weights
         return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
     out = torch.empty(x_sorted.shape[0], w2.shape[1], dtype=x_sorted.dtype, device=x_sorted.device)
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n:
             rows = slice(start, start + n)
-            out[rows] = F.linear(_glu(F.linear(x_sorted[rows], w13[e]), act, gated) * row_weights[rows], w2[e])
+            z = F.linear(x_sorted[rows], w13[e], None if row_bias is None else row_bias[start])
+            out[rows] = F.linear(_glu(z, act, gated) * row_weights[rows], w2[e])
             start += n
     return out
 
 
-def experts_torch(hidden, weights, experts, w13, w2, activation, gated):
+def experts_torch(hidden, weights, experts, w13, w2, activation, gated, b13=None):
     x, w13, w2, weights = hidden.float(), w13.float(), w2.float(), weights.float()
+    b13 = None if b13 is None else b13.float()
     if x.shape[0] <= PER_TOKEN_MAX:
         out = torch.zeros_like(x)
         for t, row in enumerate(experts.tolist()):
             for j, e in enumerate(row):
-                out[t] += weights[t, j] * expert_mlp(x[t], w13[e], w2[e], activation, gated)
+                out[t] += weights[t, j] * expert_mlp(x[t], w13[e], w2[e], activation, gated,
+                                                     None if b13 is None else b13[e])
         return out
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token_of_slot = order // experts.shape[1]
     counts = torch.bincount(flat, minlength=w13.shape[0])
-    y = _grouped(x.index_select(0, token_of_slot), weights.reshape(-1)[order, None], counts, w13, w2,
+    row_bias = None if b13 is None else b13.index_select(0, flat[order])
+    y = _grouped(x.index_select(0, token_of_slot), weights.reshape(-1)[order, None], row_bias, counts, w13, w2,
                  activation_fn(activation), gated)
     return torch.zeros_like(x).index_add_(0, token_of_slot, y)

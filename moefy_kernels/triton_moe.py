@@ -129,11 +129,22 @@ def align(experts: torch.Tensor, num_experts: int, block_m: int):
 
 
 @triton.jit
-def _expert_up_kernel(x_ptr, w_ptr, h_ptr, slots_ptr, block_expert_ptr, num_slots, num_experts, hidden, width,
-                      stride_xt, stride_we, stride_wo, stride_ht,
-                      TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-                      UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h[row] = act(x W_gate[e]ᵀ) ⊙ (x W_up[e]ᵀ) for the aligned rows of one expert block."""
+def _add_bias(acc_gate, acc_up, b_ptr, e, cols, col_ok, width, stride_be, GATED: tl.constexpr):
+    """The expert's input biases on the gate (or only) and up accumulators; [N] or [M, N] alike."""
+    b_base = b_ptr + e.to(tl.int64) * stride_be
+    acc_gate += tl.load(b_base + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if GATED:
+        acc_up += tl.load(b_base + width + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return acc_gate, acc_up
+
+
+@triton.jit
+def _expert_up_kernel(x_ptr, w_ptr, b_ptr, h_ptr, slots_ptr, block_expert_ptr, num_slots, num_experts, hidden,
+                      width, stride_xt, stride_we, stride_wo, stride_be, stride_ht,
+                      TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h[row] = act(x W_gate[e]ᵀ + b_gate) ⊙ (x W_up[e]ᵀ + b_up) for the aligned rows of one expert block."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
@@ -160,6 +171,9 @@ def _expert_up_kernel(x_ptr, w_ptr, h_ptr, slots_ptr, block_expert_ptr, num_slot
             w_up = tl.load(w_base + (cols + width)[None, :] * stride_wo + (k0 + offs_k)[:, None],
                            mask=col_ok[None, :] & k_ok[:, None], other=0.0)
             acc_up = _dot(x, w_up, acc_up, IEEE, UPCAST)
+    if HAS_BIAS:
+        acc_gate, acc_up = _add_bias(acc_gate, acc_up, b_ptr, e, cols[None, :], col_ok[None, :], width, stride_be,
+                                     GATED)
     h = _activation(acc_gate, ACT)
     if GATED:
         h = h * acc_up
@@ -199,9 +213,9 @@ def _expert_down_kernel(h_ptr, w_ptr, out_ptr, slots_ptr, block_expert_ptr, weig
 
 
 @triton.jit
-def _gemv_up_kernel(x_ptr, w_ptr, h_ptr, experts_ptr, hidden, width, stride_xt, stride_we, stride_wo, stride_ht,
-                    TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_up_kernel(x_ptr, w_ptr, b_ptr, h_ptr, experts_ptr, hidden, width, stride_xt, stride_we, stride_wo,
+                    stride_be, stride_ht, TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Small-batch path: one (token, slot) pair per program, W13[e] streamed once per column block."""
     slot = tl.program_id(0)
     e = tl.load(experts_ptr + slot).to(tl.int64)
@@ -221,6 +235,8 @@ def _gemv_up_kernel(x_ptr, w_ptr, h_ptr, experts_ptr, hidden, width, stride_xt, 
         if GATED:
             w_up = tl.load(w_base + (cols + width)[:, None] * stride_wo + (k0 + offs_k)[None, :], mask=mask, other=0.0)
             acc_up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
+    if HAS_BIAS:
+        acc_gate, acc_up = _add_bias(acc_gate, acc_up, b_ptr, e, cols, col_ok, width, stride_be, GATED)
     h = _activation(acc_gate, ACT)
     if GATED:
         h = h * acc_up
@@ -248,7 +264,7 @@ def _gemv_down_kernel(h_ptr, w_ptr, out_ptr, experts_ptr, weights_ptr, hidden, w
 
 
 def experts_triton(hidden: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
-                   w2: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+                   w2: torch.Tensor, activation: str, gated: bool, b13: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_j weights[t, j] · expert_{experts[t, j]}(hidden[t]) → [T, H] fp32, for routing already decided."""
     num_tokens, dim = hidden.shape
     num_experts, width, top_k = w2.shape[0], w2.shape[2], experts.shape[1]
@@ -259,12 +275,14 @@ def experts_triton(hidden: torch.Tensor, weights: torch.Tensor, experts: torch.T
         return out.reshape(num_tokens, dim)
     weights = weights.reshape(-1).float().contiguous()
     experts = experts.contiguous()
+    bias = dict(HAS_BIAS=b13 is not None)
+    b13 = w13 if b13 is None else b13.contiguous()  # any pointer will do when HAS_BIAS is off
     if num_slots <= SMALL_BATCH_PAIRS:
         flat = experts.reshape(-1).contiguous()
         h = torch.empty(num_slots, width, dtype=hidden.dtype, device=hidden.device)
         _gemv_up_kernel[(num_slots, triton.cdiv(width, GEMV_BLOCK_N))](
-            hidden, w13, h, flat, dim, width, hidden.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-            TOP_K=top_k, GATED=gated, ACT=act, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K)
+            hidden, w13, b13, h, flat, dim, width, hidden.stride(0), w13.stride(0), w13.stride(1), b13.stride(0),
+            h.stride(0), TOP_K=top_k, GATED=gated, ACT=act, **bias, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K)
         _gemv_down_kernel[(num_slots, triton.cdiv(dim, GEMV_BLOCK_N))](
             h, w2, out, flat, weights, dim, width, h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
             BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K)
@@ -274,8 +292,9 @@ def experts_triton(hidden: torch.Tensor, weights: torch.Tensor, experts: torch.T
         flags = dict(IEEE=hidden.dtype == torch.float32, UPCAST=_interpreting(), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                      BLOCK_K=BLOCK_K)
         _expert_up_kernel[(block_expert.numel(), triton.cdiv(width, BLOCK_N))](
-            hidden, w13, h, slots, block_expert, num_slots, num_experts, dim, width,
-            hidden.stride(0), w13.stride(0), w13.stride(1), h.stride(0), TOP_K=top_k, GATED=gated, ACT=act, **flags)
+            hidden, w13, b13, h, slots, block_expert, num_slots, num_experts, dim, width, hidden.stride(0),
+            w13.stride(0), w13.stride(1), b13.stride(0), h.stride(0), TOP_K=top_k, GATED=gated, ACT=act, **bias,
+            **flags)
         _expert_down_kernel[(block_expert.numel(), triton.cdiv(dim, BLOCK_N))](
             h, w2, out, slots, block_expert, weights, num_slots, num_experts, dim, width,
             h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), **flags)
@@ -290,7 +309,7 @@ def compile_for_gpu(arch: int, dtype: str = "bf16") -> str:
 
     fp32_pointers, index_pointers = {"out_ptr", "weights_ptr", "logits_ptr"}, {"slots_ptr", "block_expert_ptr",
                                                                                 "experts_ptr"}
-    meta = {"TOP_K": 2, "GATED": True, "ACT": 0, "IEEE": dtype == "fp32", "UPCAST": False, "SOFTMAX": True,
+    meta = {"TOP_K": 2, "GATED": True, "ACT": 0, "HAS_BIAS": True, "IEEE": dtype == "fp32", "UPCAST": False, "SOFTMAX": True,
             "COMBINE": 2, "BLOCK_E": 16, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
     gemv = {"BLOCK_N": GEMV_BLOCK_N, "BLOCK_K": GEMV_BLOCK_K}
     names = []

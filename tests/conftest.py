@@ -24,6 +24,8 @@ FAMILY_CONFIGS = {
     "olmo2": {},  # post-norms, q/k norms
     "phi3": dict(pad_token_id=0),  # one fused gate_up_proj
     "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0, attention_multiplier=0.3),
+    "gpt2": dict(n_inner=128),  # Conv1D weights, non-gated GELU MLP with biases, learned positions
+    "gpt_neox": {},  # parallel attention + MLP, non-gated with biases, partial rotary
 }
 STANDARD_FORMATS = {"llama": ("mixtral", "qwen2_moe"), "mistral": ("mixtral",), "qwen2": ("qwen2_moe",),
                     "qwen3": ("qwen3_moe",)}
@@ -50,10 +52,12 @@ def make_tiny(path: Path, model_type: str = "llama", *, safe: bool = True, shard
     fields.update(overrides)
     config = AutoConfig.for_model(model_type, **fields)
     model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # random but not degenerate norms, so norm weights matter in the test
+    with torch.no_grad():  # random norms and biases (not their 1 / 0 init), so a test sees if one is lost
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.split(".")[-2].startswith("ln_"):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
     model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     if not safe:  # the legacy pickle format, which transformers 5 no longer writes itself
         torch.save(model.state_dict(), path / "pytorch_model.bin")

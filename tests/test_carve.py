@@ -31,20 +31,23 @@ def _carve(tiny_dir, text_file, out, *sets, fmt="auto"):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", *FAMILY_CONFIGS])
 def test_layer_inputs_match_the_dense_model(tiny, text_file, family):
     """The meta-device runner reproduces what the real model feeds each MLP, bit for bit — also where the
-    layer norms or scales the MLP's output before the residual add (Gemma 2/3, OLMo 2, Granite)."""
+    layer norms or scales the MLP's output before the residual add (Gemma 2/3, OLMo 2, Granite), passes
+    arguments positionally (GPT-2) or runs attention and MLP in parallel (GPT-NeoX)."""
     overrides = {"sliding_window": 8} if family == "mistral" else FAMILY_CONFIGS.get(family, {})
     path = tiny(family, **overrides)
     ckpt = open_source(path)
     calibration = load_calibration(ckpt, str(text_file), 3, 24, batch_size=2)
     model = load_dense(path)
+    adapter = adapter_for(ckpt.config)
+    layers = model.get_submodule(adapter.layers_prefix)
     seen = {}
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(layers):
         layer.mlp.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault(i, []).append(a[0]))
     with torch.no_grad():
         for start in range(0, 3, 2):
             model(input_ids=calibration.tokens[start:start + 2])
-    runner = calibration.runner(ckpt, adapter_for(ckpt.config))
-    for i, layer in enumerate(model.model.layers):
+    runner = calibration.runner(ckpt, adapter)
+    for i, layer in enumerate(layers):
         expected = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen[i]])
         torch.testing.assert_close(runner.mlp_inputs(i), expected, atol=1e-6, rtol=0)
         runner.advance(layer.mlp)

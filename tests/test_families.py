@@ -1,12 +1,15 @@
-"""Families whose MLP is a gated block (everything family-specific sits outside it; Phi-3 fuses gate and
-up into one projection): every transform is exact where the math says so, through both loaders of the
-native format."""
+"""Families beyond Llama/Mistral/Qwen: everything family-specific sits outside the MLP, except Phi-3's fused
+gate/up projection and GPT-2/GPT-NeoX's non-gated MLPs with biases (GPT-2's stored transposed). Every
+transform is exact where the math says so, through both loaders of the native format."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import FAMILY_CONFIGS, load_dense, logits, random_ids, read_json, run_cli
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # (recipe, overrides): the identity slice, upcycling at init, a carve with every expert active (and layer 0
 # left dense, so the family's own MLP layout is written back)
 TRANSFORMS = {
@@ -16,6 +19,10 @@ TRANSFORMS = {
                                 "transforms.0.carve.top_k=8", "transforms.0.carve.compensation.refit_down=false",
                                 "transforms.0.carve.dense_layers=[0]",
                                 "calibration.samples=4", "calibration.seq_len=32"]),
+    # a static slice routed by a fitted router that picks every expert
+    "fit_router-all": (str(EXAMPLES / "fit-router-64k.yaml"), ["transforms.0.slice.experts=8",
+                                                              "transforms.1.fit_router.top_k=8",
+                                                              "calibration.samples=8", "calibration.seq_len=32"]),
 }
 
 

@@ -134,6 +134,29 @@ def test_triton_activations(activation, gated, tokens):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu_tanh")])
+@pytest.mark.parametrize("tokens", [2, 3, 40])  # torch: per-token and grouped; triton: small-batch and aligned
+def test_expert_input_biases(backend, gated, activation, tokens):
+    """GPT-2-style experts: each expert's slice of the dense up (and gate) bias, on both fast paths."""
+    x, logits, w13, w2, pair = _case(tokens, 4, 16, True, torch.float32, gated=gated)
+    g = torch.Generator().manual_seed(9)
+    b13 = torch.randn(w13.shape[:2], generator=g).to(DEVICE)
+    pair = (*pair, torch.randn(pair[0].shape[0], generator=g).to(DEVICE))
+    kwargs = dict(activation=activation, gated=gated, shared=pair, b13=b13)
+    ref = moe_forward(x, logits, w13, w2, 2, backend="reference", **kwargs)
+    torch.testing.assert_close(moe_forward(x, logits, w13, w2, 2, backend=backend, **kwargs), ref,
+                               atol=1e-5, rtol=1e-5)
+    # the reference is the definition: top-1 with unit weight is that expert's biased MLP
+    top1 = moe_forward(x, logits, w13, w2, 1, backend="reference", combine="unit", activation=activation,
+                       gated=gated, b13=b13)
+    e = int(logits[0].argmax())
+    z = torch.nn.functional.linear(x[:1], w13[e], b13[e])
+    act = {"silu": torch.nn.functional.silu, "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
+    h = act[activation](z[:, :16]) * z[:, 16:] if gated else act[activation](z)
+    torch.testing.assert_close(top1[:1], h @ w2[e].T)
+
+
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("combine", ["unit", "prob", "renormalize"])
 def test_triton_routing_matches_torch(scoring, combine):
@@ -170,6 +193,7 @@ BAD_INPUTS = [
     (dict(w13=torch.randn(4, 16, 32).transpose(1, 2)), "last dimension must be contiguous"),
     (dict(shared=(torch.randn(8, 16), torch.randn(16, 8))), "shared must be"),
     (dict(expert_scales=torch.ones(3)), "expert_scales must be"),
+    (dict(b13=torch.ones(4, 16)), r"b13 \(the experts' input biases\) must be"),
 ]
 
 

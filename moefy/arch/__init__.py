@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moefy.arch import gemma, gemma2, gemma3, granite, llama, mistral, olmo2, phi3, qwen2, qwen3
+from moefy.arch import gemma, gemma2, gemma3, gpt2, gpt_neox, granite, llama, mistral, olmo2, phi3, qwen2, qwen3
 from moefy.arch.base import ArchAdapter
 from moefy.errors import BadInput
 
@@ -10,6 +10,8 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "gemma": gemma.ADAPTER,
     "gemma2": gemma2.ADAPTER,
     "gemma3_text": gemma3.ADAPTER,
+    "gpt2": gpt2.ADAPTER,
+    "gpt_neox": gpt_neox.ADAPTER,
     "granite": granite.ADAPTER,
     "llama": llama.ADAPTER,
     "olmo2": olmo2.ADAPTER,

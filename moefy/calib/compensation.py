@@ -3,10 +3,12 @@ reproduces the dense MLP's output on the calibration tokens (shared by `carve` a
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from pydantic import Field
 
-from moefy.moe.layer import DenseMLP, MoeLayer
+from moefy.moe.layer import MoeLayer
 from moefy.transforms.base import Options
 
 DIAGNOSTIC_TOKENS = 2048  # calibration tokens the reported reconstruction errors are measured on
@@ -60,9 +62,9 @@ def refit_down(moe: MoeLayer, routed: torch.Tensor, shared: torch.Tensor | None,
     gram.diagonal().add_(lam)
     w = torch.linalg.solve(gram, (a.T @ target).double() + lam * w0.T).T.float()
     width = moe.mlp.width
-    moe.mlp = DenseMLP(moe.mlp.gate, moe.mlp.up, w[:, :width].contiguous(), moe.mlp.activation)
+    moe.mlp = dataclasses.replace(moe.mlp, down=w[:, :width].contiguous())
     if shared is not None:
-        moe.shared = DenseMLP(moe.shared.gate, moe.shared.up, w[:, width:].contiguous(), moe.shared.activation)
+        moe.shared = dataclasses.replace(moe.shared, down=w[:, width:].contiguous())
 
 
 def rel_error(moe: MoeLayer, routed: torch.Tensor, shared: torch.Tensor | None, dense: torch.Tensor,

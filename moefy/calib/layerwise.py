@@ -43,10 +43,10 @@ class _Catcher(nn.Module):
         super().__init__()
         if hasattr(layer, "attention_type"):  # models pick each layer's mask by it (sliding vs full)
             self.attention_type = layer.attention_type
-        self.calls: list[tuple[torch.Tensor, dict]] = []
+        self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
 
-    def forward(self, hidden_states, **kwargs):
-        self.calls.append((hidden_states, kwargs))
+    def forward(self, hidden_states, *args, **kwargs):  # GPT-2 passes the cache and mask positionally
+        self.calls.append((hidden_states, args, kwargs))
         return hidden_states
 
 
@@ -71,7 +71,7 @@ class LayerwiseRunner:
         self.ckpt, self.adapter, self.device = ckpt, adapter, torch.device(device)
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            self._model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            self._model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # no dropout
         layers = self._model.get_submodule(adapter.layers_prefix)
         self._meta_layers = list(layers)
         catchers = [_Catcher(layer) for layer in layers]
@@ -83,8 +83,8 @@ class LayerwiseRunner:
         with torch.inference_mode():
             for batch in batches:
                 base(input_ids=batch.to(self.device))
-        self._hidden = [h for h, _ in catchers[0].calls]
-        self._kwargs = [[kw for _, kw in c.calls] for c in catchers]
+        self._hidden = [h for h, _, _ in catchers[0].calls]
+        self._arguments = [[(args, kw) for _, args, kw in c.calls] for c in catchers]
         self.lengths = [batch.numel() for batch in batches]  # tokens per batch, in mlp_inputs order
         self._layer: nn.Module | None = None
         self._partial: list[torch.Tensor] = []
@@ -126,7 +126,7 @@ class LayerwiseRunner:
         probe = _Probe()
         setattr(layer, self.adapter.mlp_attr, probe)
         with torch.inference_mode():
-            outs = [layer(h, **kw) for h, kw in zip(self._hidden, self._kwargs[index])]
+            outs = [layer(h, *args, **kw) for h, (args, kw) in zip(self._hidden, self._arguments[index])]
         self._partial = [o[0] if isinstance(o, tuple) else o for o in outs]
         self._inputs = probe.inputs
         self._layer = layer

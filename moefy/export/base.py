@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
@@ -84,7 +85,7 @@ class StandardMoeFormat(ExportFormat):
             return f"{self.name} holds {', '.join(self.families)} models, not {source.adapter.model_type}"
         if not source.adapter.gated:
             return f"{self.name} experts are gated (SwiGLU); this MLP is not"
-        if source.config.get("mlp_bias"):
+        if source.adapter.mlp_bias(source.config):
             return f"{self.name} experts have no biases; this model's MLP has them"
         if not plan.uniform:
             return f"{self.name} needs experts of equal width; these differ (pruned branches): use native"
@@ -139,14 +140,14 @@ class StandardMoeFormat(ExportFormat):
         tensors = {f"{prefix}.gate.weight": router}
         for e in range(block.num_experts):
             expert = block.expert(e)
-            expert = DenseMLP(expert.gate, expert.up, expert.down * factors[e], expert.activation)
+            expert = dataclasses.replace(expert, down=expert.down * factors[e])
             tensors.update(dense_tensors(f"{prefix}.experts.{e}", expert, self.expert_names))
         if self.has_shared:
             hidden = block.mlp.up.shape[1]
             shared = block.shared or DenseMLP(torch.zeros(0, hidden), torch.zeros(0, hidden), torch.zeros(hidden, 0),
                                               block.mlp.activation)
             # sigmoid(0) = 1/2 on a zero gate: double down_proj so the shared expert counts once.
-            doubled = DenseMLP(shared.gate, shared.up, shared.down * 2, shared.activation)
+            doubled = dataclasses.replace(shared, down=shared.down * 2)
             tensors.update(dense_tensors(f"{prefix}.shared_expert", doubled, ("gate_proj", "up_proj", "down_proj")))
             tensors[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, shared.up.shape[1])
         return tensors

@@ -16,15 +16,22 @@ MODELING_FILE = Path(__file__).resolve().parent.parent / "moe" / "modeling_moefy
 MODEL_TYPE = "moefy"  # == modeling_moefy.MoefyConfig.model_type (tested)
 
 
-def packed_gate_up(mlp: DenseMLP, widths: list[int]) -> torch.Tensor:
-    """Each expert's gate rows then up rows as one contiguous block (see modeling_moefy)."""
-    if mlp.gate is None:
-        return mlp.up
+def packed_gate_up(gate: torch.Tensor | None, up: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """Each expert's gate rows (or bias entries) then up rows as one contiguous block (see modeling_moefy)."""
+    if gate is None:
+        return up
     blocks, start = [], 0
     for w in widths:
-        blocks += [mlp.gate[start:start + w], mlp.up[start:start + w]]
+        blocks += [gate[start:start + w], up[start:start + w]]
         start += w
     return torch.cat(blocks)
+
+
+def _experts(prefix: str, mlp: DenseMLP, widths: list[int]) -> dict[str, torch.Tensor]:
+    tensors = {f"{prefix}.gate_up_proj": packed_gate_up(mlp.gate, mlp.up, widths), f"{prefix}.down_proj": mlp.down}
+    if mlp.has_input_bias:
+        tensors[f"{prefix}.gate_up_bias"] = packed_gate_up(mlp.gate_bias, mlp.up_bias, widths)
+    return tensors
 
 
 class NativeFormat(ExportFormat):
@@ -35,17 +42,14 @@ class NativeFormat(ExportFormat):
     def layer_tensors(self, layer, block, source):
         prefix = source.adapter.mlp_prefix(layer)
         if isinstance(block, DenseMLP):
-            return source.adapter.mlp_tensors(layer, block.gate, block.up, block.down)
-        tensors = {f"{prefix}.experts.gate_up_proj": packed_gate_up(block.mlp, block.widths),
-                   f"{prefix}.experts.down_proj": block.mlp.down,
-                   f"{prefix}.expert_scales": block.scales}
+            return source.adapter.mlp_tensors(layer, block, source.config)
+        tensors = {**_experts(f"{prefix}.experts", block.mlp, block.widths), f"{prefix}.expert_scales": block.scales}
         if block.router is not None:
             tensors[f"{prefix}.router.weight"] = block.router
         if block.router_mlp is not None:
             tensors[f"{prefix}.router_in.weight"], tensors[f"{prefix}.router_out.weight"] = block.router_mlp
         if block.shared is not None:
-            tensors[f"{prefix}.shared.gate_up_proj"] = packed_gate_up(block.shared, [block.shared.width])
-            tensors[f"{prefix}.shared.down_proj"] = block.shared.down
+            tensors.update(_experts(f"{prefix}.shared", block.shared, [block.shared.width]))
         if block.bias is not None:
             tensors[f"{prefix}.output_bias"] = block.bias
         return tensors

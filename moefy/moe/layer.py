@@ -11,12 +11,20 @@ from moefy_kernels.routing import activation_fn, route
 
 @dataclass
 class DenseMLP:
-    """A (gated) MLP: down · act(gate x) ⊙ (up x); gate is None for non-gated MLPs."""
+    """A (gated) MLP: down · act(gate x + b_gate) ⊙ (up x + b_up) + b_down; gate is None for non-gated MLPs.
+
+    The input biases belong to intermediate neurons and travel with them into experts; the output bias
+    belongs to the whole layer, so every sub-MLP (`span`, `neurons`, `concat_mlps`) drops it and a
+    MoeLayer holds it once as its `bias`.
+    """
 
     gate: torch.Tensor | None  # [I, H]
     up: torch.Tensor  # [I, H]
     down: torch.Tensor  # [H, I]
     activation: str
+    gate_bias: torch.Tensor | None = None  # [I]
+    up_bias: torch.Tensor | None = None  # [I]
+    down_bias: torch.Tensor | None = None  # [H]
 
     @property
     def width(self) -> int:
@@ -26,35 +34,52 @@ class DenseMLP:
     def gated(self) -> bool:
         return self.gate is not None
 
+    @property
+    def has_input_bias(self) -> bool:
+        return self.up_bias is not None
+
     def span(self, start: int, stop: int) -> DenseMLP:
-        """Neurons start..stop-1 as views (no copy)."""
-        return DenseMLP(None if self.gate is None else self.gate[start:stop], self.up[start:stop],
-                        self.down[:, start:stop], self.activation)
+        """Neurons start..stop-1 as views (no copy), without the output bias."""
+        return self._select(slice(start, stop))
 
     def neurons(self, index: torch.Tensor) -> DenseMLP:
-        """The sub-MLP made of the given intermediate neurons, in that order."""
-        return DenseMLP(None if self.gate is None else self.gate[index], self.up[index], self.down[:, index],
-                        self.activation)
+        """The sub-MLP made of the given intermediate neurons, in that order, without the output bias."""
+        return self._select(index)
+
+    def _select(self, index) -> DenseMLP:
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return DenseMLP(pick(self.gate), self.up[index], self.down[:, index], self.activation,
+                        pick(self.gate_bias), pick(self.up_bias))
 
     def num_params(self) -> int:
-        return sum(t.numel() for t in (self.gate, self.up, self.down) if t is not None)
+        return sum(t.numel() for t in (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias)
+                   if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP on [T, H] in fp32."""
-        return activations(self, x.float()) @ self.down.float().T
+        y = activations(self, x.float()) @ self.down.float().T
+        return y if self.down_bias is None else y + self.down_bias.float()
+
+
+def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x @ weight.float().T
+    return y if bias is None else y + bias.float()
 
 
 def activations(mlp: DenseMLP, x: torch.Tensor) -> torch.Tensor:
-    """Intermediate activations act(gate x) ⊙ (up x) (act(up x) when not gated), [T, I] fp32."""
+    """Intermediate activations act(gate x + b) ⊙ (up x + b) (act(up x + b) when not gated), [T, I] fp32."""
     act = activation_fn(mlp.activation)
-    up = x @ mlp.up.float().T
-    return act(x @ mlp.gate.float().T) * up if mlp.gated else act(up)
+    up = _affine(x, mlp.up, mlp.up_bias)
+    return act(_affine(x, mlp.gate, mlp.gate_bias)) * up if mlp.gated else act(up)
 
 
 def concat_mlps(parts: list[DenseMLP]) -> DenseMLP:
-    gate = None if parts[0].gate is None else torch.cat([p.gate for p in parts])
-    return DenseMLP(gate, torch.cat([p.up for p in parts]), torch.cat([p.down for p in parts], dim=1),
-                    parts[0].activation)
+    """The parts' neurons side by side (output biases dropped, as for any sub-MLP)."""
+    def cat(name):
+        return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+
+    return DenseMLP(cat("gate"), cat("up"), torch.cat([p.down for p in parts], dim=1), parts[0].activation,
+                    cat("gate_bias"), cat("up_bias"))
 
 
 @dataclass
@@ -77,6 +102,8 @@ class MoeLayer:
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.mlp.down_bias is not None or (self.shared is not None and self.shared.down_bias is not None):
+            raise ValueError("an MLP's output bias belongs to the layer once: pass it as MoeLayer.bias")
         if sum(self.widths) != self.mlp.width:
             raise ValueError(f"expert widths sum to {sum(self.widths)} but the MLP has {self.mlp.width} neurons")
         if self.scales is None:
@@ -136,4 +163,5 @@ class MoeLayer:
         return {"widths": list(self.widths), "top_k": self.top_k, "scoring": self.scoring, "combine": self.combine,
                 "activation": self.mlp.activation, "gated": self.mlp.gated,
                 "shared_width": self.shared.width if self.shared is not None else 0, "bias": self.bias is not None,
+                "expert_bias": self.mlp.has_input_bias,
                 "router_hidden": self.router_mlp[0].shape[0] if self.router_mlp is not None else 0}

@@ -6,9 +6,10 @@ installed; it therefore imports only torch and transformers (moefy_kernels when 
 
 Storage is the dense MLP layout with its intermediate dimension partitioned into experts:
 `experts.gate_up_proj` [Σ 2·I_e, H] holds expert e's gate rows then up rows as one block,
-`experts.down_proj` [H, Σ I_e] its down columns.  With equal widths these are free views of
-the kernel layout (w13 [E, 2I, H], w2 [E, H, I]); with unequal widths (pruned branches) no
-padding is stored.
+`experts.down_proj` [H, Σ I_e] its down columns (and `experts.gate_up_bias` [Σ 2·I_e] the input
+biases of MLPs that have them; their output bias is the block's `output_bias`, added once).  With
+equal widths these are free views of the kernel layout (w13 [E, 2I, H], w2 [E, H, I]); with unequal
+widths (pruned branches) no padding is stored.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ _ACTIVATIONS = {
 _MOEFY_KEYS = ("base_model_type", "moe_layers", "layers_path", "mlp_attr")
 
 
-def _expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act, gated: bool) -> torch.Tensor:
+def _expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, act, gated: bool,
+                b13: torch.Tensor | None = None) -> torch.Tensor:
     """One expert: w2 · act(gate x) ⊙ (up x) with w13 = [gate; up], or w2 · act(w13 x) when not gated."""
-    z = F.linear(x, w13)
+    z = F.linear(x, w13, b13)
     width = w2.shape[-1]
     return F.linear(act(z[..., :width]) * z[..., width:] if gated else act(z), w2)
 
@@ -45,7 +47,8 @@ class MoefyConfig(PretrainedConfig):
 
     `moe_layers` maps a layer index (as a string) to a block spec: widths, top_k, scoring
     ("softmax" | "sigmoid" | "none" for a static all-experts MoE), combine ("unit" | "prob" |
-    "renormalize"), activation, gated, shared_width, bias (an output bias: expected-output compensation),
+    "renormalize"), activation, gated, shared_width, bias (an output bias: the MLP's own down bias and/or
+    expected-output compensation), expert_bias (experts carry their slice of the MLP's input biases),
     router_hidden (width of a residual MLP router, 0: linear).
     """
 
@@ -68,28 +71,30 @@ class MoefyConfig(PretrainedConfig):
 class PackedExperts(nn.Module):
     """Experts of (possibly) unequal widths stored as one partitioned dense MLP."""
 
-    def __init__(self, hidden: int, widths: list[int], gated: bool, dtype=None):
+    def __init__(self, hidden: int, widths: list[int], gated: bool, bias: bool = False, dtype=None):
         super().__init__()
         self.widths = list(widths)
         self.gated = gated
         rows = (2 if gated else 1) * sum(widths)
         self.gate_up_proj = nn.Parameter(torch.empty(rows, hidden, dtype=dtype))
+        self.gate_up_bias = nn.Parameter(torch.empty(rows, dtype=dtype)) if bias else None
         self.down_proj = nn.Parameter(torch.empty(hidden, sum(widths), dtype=dtype))
 
     @property
     def uniform(self) -> bool:
         return len(set(self.widths)) == 1
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernel layout views: w13 [E, 2I, H], w2 [E, H, I] (equal widths only, no copy)."""
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Kernel layout views: w13 [E, 2I, H], w2 [E, H, I], b13 [E, 2I] or None (equal widths only, no copy)."""
         e, i = len(self.widths), self.widths[0]
         w13 = self.gate_up_proj.view(e, -1, self.gate_up_proj.shape[1])
         w2 = self.down_proj.view(self.down_proj.shape[0], e, i).permute(1, 0, 2)
-        return w13, w2
+        b13 = None if self.gate_up_bias is None else self.gate_up_bias.view(e, -1)
+        return w13, w2, b13
 
     def dense_forward(self, x: torch.Tensor, act, column_scale: torch.Tensor | None) -> torch.Tensor:
         """All experts at once: one GEMM in, one GEMM out (the static MoE's fast path)."""
-        z = F.linear(x, self.gate_up_proj)
+        z = F.linear(x, self.gate_up_proj, self.gate_up_bias)
         if self.gated:
             if self.uniform:
                 z = z.view(*z.shape[:-1], len(self.widths), 2, self.widths[0])
@@ -105,11 +110,12 @@ class PackedExperts(nn.Module):
         return F.linear(h, self.down_proj)
 
     def each_expert(self):
-        """Yield (w13_e [2·I_e, H], w2_e [H, I_e]) views, expert by expert."""
+        """Yield (w13_e [2·I_e, H], w2_e [H, I_e], b13_e [2·I_e] or None) views, expert by expert."""
         rows = cols = 0
         factor = 2 if self.gated else 1
         for w in self.widths:
-            yield self.gate_up_proj[rows:rows + factor * w], self.down_proj[:, cols:cols + w]
+            b13 = None if self.gate_up_bias is None else self.gate_up_bias[rows:rows + factor * w]
+            yield self.gate_up_proj[rows:rows + factor * w], self.down_proj[:, cols:cols + w], b13
             rows, cols = rows + factor * w, cols + w
 
     def _gate_up_index(self, device):
@@ -133,14 +139,15 @@ class MoeBlock(nn.Module):
         self.gated = spec["gated"]
         self.backend = "auto"
         widths = spec["widths"]
-        self.experts = PackedExperts(hidden, widths, self.gated, dtype)
+        expert_bias = spec.get("expert_bias", False)
+        self.experts = PackedExperts(hidden, widths, self.gated, expert_bias, dtype)
         self.expert_scales = nn.Parameter(torch.ones(len(widths), dtype=dtype))
         self.router = nn.Linear(hidden, len(widths), bias=False, dtype=dtype) if self.scoring != "none" else None
         router_hidden = spec.get("router_hidden", 0)  # a residual MLP router: logits += out(silu(in(x)))
         self.router_in = nn.Linear(hidden, router_hidden, bias=False, dtype=dtype) if router_hidden else None
         self.router_out = nn.Linear(router_hidden, len(widths), bias=False, dtype=dtype) if router_hidden else None
         shared = spec.get("shared_width", 0)
-        self.shared = PackedExperts(hidden, [shared], self.gated, dtype) if shared else None
+        self.shared = PackedExperts(hidden, [shared], self.gated, expert_bias, dtype) if shared else None
         self.output_bias = nn.Parameter(torch.zeros(hidden, dtype=dtype)) if spec.get("bias") else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -163,30 +170,31 @@ class MoeBlock(nn.Module):
 
     def _static_reference(self, x: torch.Tensor, act) -> torch.Tensor:
         """The static MoE by its definition: Σ_e α_e · expert_e(x) (+ shared), one expert at a time."""
-        parts = [(scale, w13, w2) for scale, (w13, w2) in zip(self.expert_scales, self.experts.each_expert())]
+        parts = [(scale, *expert) for scale, expert in zip(self.expert_scales, self.experts.each_expert())]
         if self.shared is not None:
-            parts.append((1.0, self.shared.gate_up_proj, self.shared.down_proj))
+            parts.append((1.0, *next(self.shared.each_expert())))
         y = torch.zeros_like(x)
-        for scale, w13, w2 in parts:
-            y = y + scale * _expert_mlp(x, w13, w2, act, self.gated)
+        for scale, w13, w2, b13 in parts:
+            y = y + scale * _expert_mlp(x, w13, w2, act, self.gated, b13)
         return y
 
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)
         if self.router_in is not None:
             logits = logits + self.router_out(F.silu(self.router_in(x)))
-        w13, w2 = self.experts.stacked()
+        w13, w2, b13 = self.experts.stacked()
         shared = None
         if self.shared is not None:
-            shared = (self.shared.gate_up_proj, self.shared.down_proj)
+            shared = (self.shared.gate_up_proj, self.shared.down_proj, self.shared.gate_up_bias)
         kwargs = dict(scoring=self.scoring, combine=self.combine, activation=self.activation, gated=self.gated,
-                      shared=shared, expert_scales=self.expert_scales)
+                      shared=shared, expert_scales=self.expert_scales, b13=b13)
         if moe_forward is not None:
             return moe_forward(x, logits, w13, w2, self.top_k, backend=self.backend, **kwargs)
         return _dense_masked_moe(x, logits, w13, w2, self.top_k, **kwargs)
 
 
-def _dense_masked_moe(x, logits, w13, w2, top_k, *, scoring, combine, activation, gated, shared, expert_scales):
+def _dense_masked_moe(x, logits, w13, w2, top_k, *, scoring, combine, activation, gated, shared, expert_scales,
+                      b13=None):
     """Fallback without moefy_kernels: every expert on every token, masked by the routing weights."""
     act = _ACTIVATIONS[activation]
     probs = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()
@@ -197,10 +205,12 @@ def _dense_masked_moe(x, logits, w13, w2, top_k, *, scoring, combine, activation
         top_p = top_p / top_p.sum(-1, keepdim=True)
     dense_w = torch.zeros_like(probs).scatter(-1, top_i, top_p) * expert_scales.float()
     z = torch.einsum("th,eoh->teo", x.float(), w13.float())
+    z = z if b13 is None else z + b13.float()
     h = act(z[..., : w2.shape[-1]]) * z[..., w2.shape[-1]:] if gated else act(z)
     y = torch.einsum("tei,ehi,te->th", h, w2.float(), dense_w)
     if shared is not None:
-        y = y + _expert_mlp(x.float(), shared[0].float(), shared[1].float(), act, gated)
+        shared_b13 = shared[2].float() if len(shared) == 3 and shared[2] is not None else None
+        y = y + _expert_mlp(x.float(), shared[0].float(), shared[1].float(), act, gated, shared_b13)
     return y.to(x.dtype)
 
 
@@ -229,7 +239,7 @@ class MoefyForCausalLM(PreTrainedModel, GenerationMixin):
         dtype = next(dense.parameters()).dtype
         layers = self.get_submodule(config.layers_path)
         for index, spec in config.moe_layers.items():
-            setattr(layers[int(index)], config.mlp_attr, MoeBlock(config.hidden_size, spec, dtype))
+            setattr(layers[int(index)], config.mlp_attr, MoeBlock(base_config.hidden_size, spec, dtype))
         self.post_init()
 
     def _init_weights(self, module):
@@ -241,6 +251,8 @@ class MoefyForCausalLM(PreTrainedModel, GenerationMixin):
             std = getattr(self.config, "initializer_range", 0.02)
             nn.init.normal_(module.gate_up_proj, std=std)
             nn.init.normal_(module.down_proj, std=std)
+            if module.gate_up_bias is not None:
+                nn.init.zeros_(module.gate_up_bias)
         else:
             super()._init_weights(module)
 

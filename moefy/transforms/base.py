@@ -69,6 +69,10 @@ class SourceInfo:
     def mlp_width(self) -> int:
         return self.adapter.mlp_width(self.config)
 
+    @property
+    def hidden_size(self) -> int:
+        return self.adapter.hidden_size(self.config)
+
 
 class Transform:
     name: ClassVar[str]
@@ -118,11 +122,11 @@ class Transform:
 def read_mlp(ckpt, info: SourceInfo, layer: int) -> DenseMLP:
     """Layer `layer`'s dense MLP from a checkpoint, in fp32, refusing NaN/Inf weights."""
     weights = {}
-    for role, name in info.adapter.mlp_weight_names(layer).items():
+    for role, name in info.adapter.mlp_weight_names(layer, info.config).items():
         tensor = ckpt.get(name).float()
         if not torch.isfinite(tensor).all():
             raise CheckFailed(f"{name} in {ckpt.path} contains NaN or Inf; moefy will not convert a broken "
                               f"checkpoint. Repair or re-download it.")
         weights[role] = tensor
-    weights = info.adapter.mlp_roles(weights)
-    return DenseMLP(weights.get("gate"), weights["up"], weights["down"], info.adapter.activation(info.config))
+    roles = {"gate": None, **info.adapter.mlp_roles(weights)}
+    return DenseMLP(**roles, activation=info.adapter.activation(info.config))

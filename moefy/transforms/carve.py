@@ -148,7 +148,7 @@ class Carve(Transform):
         experts = torch.cat(groups)
         top_k = self._layer_top_k(layer)
         moe = MoeLayer(mlp=mlp.neurons(experts), widths=[width] * len(groups), scoring="softmax", top_k=top_k,
-                       combine="unit", shared=mlp.neurons(shared_idx) if o.shared else None)
+                       combine="unit", shared=mlp.neurons(shared_idx) if o.shared else None, bias=mlp.down_bias)
         h_routed = h[:, experts]
         oracle = expert_output_norms(h_routed, moe.mlp.down.float(), moe.widths)
         if top_k == len(groups):  # every expert on every token: a zero router makes it exact in any format

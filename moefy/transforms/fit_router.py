@@ -62,7 +62,7 @@ class FitRouter(Transform):
         return True
 
     def min_calibration_tokens(self, source: SourceInfo) -> int:
-        return 4 * int(source.config["hidden_size"])
+        return 4 * source.hidden_size
 
     def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
         o = self.options

@@ -170,7 +170,8 @@ class Slice(Transform):
             scales = torch.full((len(branches),), factor)
         kept = torch.cat(branches)
         identity = len(kept) == mlp.width and bool((kept == torch.arange(mlp.width)).all())
-        experts = mlp if identity else concat_mlps([mlp.neurons(idx) for idx in branches])
+        experts = mlp.span(0, mlp.width) if identity else concat_mlps([mlp.neurons(idx) for idx in branches])
         stats["neurons_kept"] = experts.width
         stats["neurons_removed_fraction"] = 1 - experts.width / mlp.width
-        return MoeLayer(mlp=experts, widths=[len(idx) for idx in branches], scales=scales, stats=stats)
+        return MoeLayer(mlp=experts, widths=[len(idx) for idx in branches], scales=scales, bias=mlp.down_bias,
+                        stats=stats)

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -181,7 +182,7 @@ class Upcycle(Transform):
         rows = self._router_rows(layer, mlp.up.shape[1], data)
         moe = MoeLayer(mlp=concat_mlps(copies), widths=[routed.width // g] * o.experts, scoring="softmax",
                        top_k=o.top_k, combine="renormalize", scales=torch.full((o.experts,), scale),
-                       router=rows.repeat_interleave(g, dim=0), shared=shared)
+                       router=rows.repeat_interleave(g, dim=0), shared=shared, bias=mlp.down_bias)
         moe.stats = {"copies": self.copies, "granularity": g, "router_init": o.router,
                      "dropped_neurons_per_copy": round(o.drop * routed.width),
                      "exact_at_init": o.drop == 0 and all(s is None for s in self._sources)}
@@ -193,13 +194,15 @@ class Upcycle(Transform):
         if shared == "none":
             return None, mlp
         if shared == "copy":
-            return DenseMLP(mlp.gate, mlp.up, mlp.down * 0.5, mlp.activation), mlp
+            whole = mlp.span(0, mlp.width)
+            return dataclasses.replace(whole, down=whole.down * 0.5), mlp
         order = torch.argsort(neuron_scores(mlp, "down_max"), descending=True)
         cut = mlp.width - self._routed_width(mlp.width)
         return mlp.neurons(torch.sort(order[:cut]).values), mlp.neurons(torch.sort(order[cut:]).values)
 
     def _drop(self, mlp: DenseMLP, layer: int, copy: int) -> DenseMLP:
-        """Drop-Upcycling: re-draw a seeded subset of neurons from N(mean, std) of each original matrix."""
+        """Drop-Upcycling: re-draw a seeded subset of neurons from N(mean, std) of each original matrix (and
+        input-bias vector)."""
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + layer) * 1009 + copy)
         index = torch.randperm(mlp.width, generator=gen)[: round(self.options.drop * mlp.width)]
 
@@ -207,7 +210,7 @@ class Upcycle(Transform):
             if weight is None:
                 return None
             weight = weight.clone()
-            shape = (len(index), weight.shape[1]) if dim == 0 else (weight.shape[0], len(index))
+            shape = (len(index), *weight.shape[1:]) if dim == 0 else (weight.shape[0], len(index))
             fresh = torch.randn(shape, generator=gen) * weight.float().std() + weight.float().mean()
             if dim == 0:
                 weight[index] = fresh.to(weight.dtype)
@@ -215,7 +218,8 @@ class Upcycle(Transform):
                 weight[:, index] = fresh.to(weight.dtype)
             return weight
 
-        return DenseMLP(redraw(mlp.gate, 0), redraw(mlp.up, 0), redraw(mlp.down, 1), mlp.activation)
+        return dataclasses.replace(mlp, gate=redraw(mlp.gate, 0), up=redraw(mlp.up, 0), down=redraw(mlp.down, 1),
+                                   gate_bias=redraw(mlp.gate_bias, 0), up_bias=redraw(mlp.up_bias, 0))
 
     def _router_rows(self, layer: int, hidden: int, data: LayerData | None) -> torch.Tensor:
         """One router row per copy [N, H]."""
