@@ -309,8 +309,8 @@ def compile_for_gpu(arch: int, dtype: str = "bf16") -> str:
 
     fp32_pointers, index_pointers = {"out_ptr", "weights_ptr", "logits_ptr"}, {"slots_ptr", "block_expert_ptr",
                                                                                 "experts_ptr"}
-    meta = {"TOP_K": 2, "GATED": True, "ACT": 0, "HAS_BIAS": True, "IEEE": dtype == "fp32", "UPCAST": False, "SOFTMAX": True,
-            "COMBINE": 2, "BLOCK_E": 16, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
+    meta = {"TOP_K": 2, "GATED": True, "ACT": 0, "HAS_BIAS": True, "IEEE": dtype == "fp32", "UPCAST": False,
+            "SOFTMAX": True, "COMBINE": 2, "BLOCK_E": 16, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
     gemv = {"BLOCK_N": GEMV_BLOCK_N, "BLOCK_K": GEMV_BLOCK_K}
     names = []
     for kernel in (_route_kernel, _expert_up_kernel, _expert_down_kernel, _gemv_up_kernel, _gemv_down_kernel):
