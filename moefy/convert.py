@@ -55,6 +55,7 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
     transforms = recipe.build_transforms(seed)
     ckpt = open_source(source)
     adapter = adapter_for(ckpt.config, where=str(ckpt.path))
+    ckpt.add_prefix(adapter.base_prefix)
     info = SourceInfo(adapter, ckpt.config)
     plan = plan_pipeline(transforms, info)
     choice = choose_format(fmt or recipe.output.format, info, plan, allow_inexact)

@@ -26,17 +26,19 @@ from moefy_kernels import moe_forward
 # so an element-wise rtol would fail near-zero outputs of those rows on summation order alone.
 BLOCK_ATOL, BLOCK_RTOL = 1e-4, 1e-4
 LOGIT_ATOL = 1e-3  # fp32 noise accumulates over depth (see docs/BENCHMARKS.md)
-STANDARD_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
+STANDARD_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "GraniteMoeMoE",
+                   "GraniteMoeSharedMoE")
 
 
 def _standard_forward(block, activation: str, backend: str):
     """A transformers MoE block computed by moefy_kernels from its own weights."""
-    combine = "renormalize" if getattr(block.gate, "norm_topk_prob", True) else "prob"
+    router = block.gate if hasattr(block, "gate") else block.router  # Granite names it router
+    combine = "renormalize" if getattr(router, "norm_topk_prob", True) else "prob"
 
     def run(hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])
-        y = moe_forward(x, F.linear(x, block.gate.weight), block.experts.gate_up_proj, block.experts.down_proj,
-                        block.gate.top_k, combine=combine, activation=activation, backend=backend)
+        y = moe_forward(x, F.linear(x, router.weight), block.experts.gate_up_proj, block.experts.down_proj,
+                        router.top_k, combine=combine, activation=activation, backend=backend)
         if getattr(block, "shared_expert", None) is not None:
             y = y + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
         return y.reshape(hidden.shape)

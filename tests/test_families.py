@@ -25,22 +25,29 @@ TRANSFORMS = {
                                                               "calibration.samples=8", "calibration.seq_len=32"]),
 }
 
+# where `--format auto` finds an exact standard MoE class; everything else is native
+STANDARD_EXPORTS = {("granite", "slice"): "granitemoe", ("granite", "upcycle"): "granitemoe",
+                    ("granite", "fit_router-all"): "granitemoe"}
+
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("family", FAMILY_CONFIGS)
 def test_transform_is_exact_on_family(tiny, tmp_path, text_file, family, transform):
-    from transformers import AutoModelForCausalLM
-
-    import moefy
-
     src = tiny(family, **FAMILY_CONFIGS[family])
     recipe, sets = TRANSFORMS[transform]
     out = tmp_path / "out"
     code, _, stderr = run_cli("convert", src, "-r", recipe, "-o", out, "--calib", text_file,
                               *[a for s in sets for a in ("--set", s)])
     assert code == 0, stderr
-    config = read_json(out / "config.json")
-    assert config["model_type"] == "moefy" and config["base_model_type"] == family  # no exact standard format
+    assert read_json(out / "config.json")["model_type"] == STANDARD_EXPORTS.get((family, transform), "moefy")
+    _assert_exact(out, src)
+
+
+def _assert_exact(out, src):
+    from transformers import AutoModelForCausalLM
+
+    import moefy
+
     ids = random_ids()
     expected = logits(load_dense(src), ids)
     torch.testing.assert_close(logits(moefy.load(out), ids), expected, atol=1e-5, rtol=0)
@@ -54,3 +61,38 @@ def test_legacy_gemma_gelu_means_tanh(tiny):
 
     assert ADAPTERS["gemma"].activation({"hidden_act": "gelu"}) == "gelu_tanh"
     assert ADAPTERS["gemma2"].activation({"hidden_activation": "gelu_pytorch_tanh"}) == "gelu_tanh"
+
+
+def test_granite_shared_expert_exports_to_granitemoeshared(tiny, tmp_path, text_file):
+    """GraniteMoeShared adds its shared expert ungated: a carve with one is exact there at full activation."""
+    src = tiny("granite", **FAMILY_CONFIGS["granite"])
+    out = tmp_path / "out"
+    sets = ["transforms.0.carve.experts=4", "transforms.0.carve.shared=1", "transforms.0.carve.top_k=3",
+            "transforms.0.carve.compensation.refit_down=false", "calibration.samples=4", "calibration.seq_len=32"]
+    code, _, stderr = run_cli("convert", src, "-r", EXAMPLES / "carve-25-wide.yaml", "-o", out, "--calib", text_file,
+                              *[a for s in sets for a in ("--set", s)])
+    assert code == 0, stderr
+    assert read_json(out / "config.json")["model_type"] == "granitemoeshared"
+    assert read_json(out / "moefy.json")["format"]["exact"]
+    _assert_exact(out, src)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: in the interpreter on CPU
+@pytest.mark.parametrize("family,recipe,sets", [
+    ("gpt2", EXAMPLES / "carve-25-wide.yaml", ["transforms.0.carve.experts=8", "calibration.samples=4",
+                                               "calibration.seq_len=32"]),  # routed + shared, biased, non-gated
+    ("gpt_neox", "upcycle-8x2", []),
+    ("granite", "upcycle-8x2", []),  # granitemoe: transformers' experts, on the hook and on moefy's routing
+])
+def test_validate_routed_blocks_of_new_families(tiny, tmp_path, text_file, family, recipe, sets, backend):
+    """Partial activation: every backend matches the reference on the family's MoE blocks (input biases per
+    expert, the output bias once)."""
+    out = tmp_path / "out"
+    code, _, stderr = run_cli("convert", tiny(family, **FAMILY_CONFIGS[family]), "-r", recipe, "-o", out,
+                              "--calib", text_file, *[a for s in sets for a in ("--set", s)])
+    assert code == 0, stderr
+    report_path = tmp_path / "v.json"
+    code, stdout, err = run_cli("validate", out, "--json", report_path, "--backend", backend)
+    assert code == 0, stdout + err
+    report = read_json(report_path)
+    assert report["passed"] and report["max_abs_diff"] < 1e-5 and len(report["blocks"]) >= 2

@@ -27,6 +27,20 @@ def test_pytorch_bin_source(tiny, tmp_path):
     assert_matches_dense(out, src)
 
 
+def test_base_model_checkpoint_without_prefix(tiny, tmp_path):
+    """GPT-2 on the hub is the bare GPT2Model: `h.0.mlp.c_fc.weight`, no `transformer.` and no tied head."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny("gpt2", n_inner=128)
+    tensors = load_file(src / "model.safetensors")
+    save_file({name.removeprefix("transformer."): t for name, t in tensors.items() if name != "lm_head.weight"},
+              src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, _, err = run_cli("convert", src, "-r", "mlpmoe", "-o", out)
+    assert code == 0, err
+    assert_matches_dense(out, src)
+
+
 def test_missing_shard_is_bad_input(tiny, tmp_path):
     src = tiny("llama", shard="40KB")
     shard = sorted(src.glob("model-*.safetensors"))[-1]

@@ -58,6 +58,11 @@ class ArchAdapter:
     def mlp_bias(self, config: dict) -> bool:
         return bool(config.get(self.bias, False)) if isinstance(self.bias, str) else self.bias
 
+    @property
+    def base_prefix(self) -> str:
+        """The base model's attribute in the causal-LM class ("model", "transformer", "gpt_neox")."""
+        return self.layers_prefix.split(".")[0]
+
     def mlp_prefix(self, layer: int) -> str:
         return f"{self.layers_prefix}.{layer}.{self.mlp_attr}"
 

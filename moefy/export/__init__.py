@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from moefy.errors import BadInput
 from moefy.export.base import ExportFormat
+from moefy.export.granitemoe import GraniteMoeFormat, GraniteMoeSharedFormat
 from moefy.export.mixtral import MixtralFormat
 from moefy.export.native import NativeFormat
 from moefy.export.qwen2_moe import Qwen2MoeFormat
@@ -13,6 +14,7 @@ from moefy.export.qwen3_moe import Qwen3MoeFormat
 from moefy.transforms.base import LayerPlan, SourceInfo
 
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (MixtralFormat(), Qwen2MoeFormat(), Qwen3MoeFormat(),
+                                                         GraniteMoeFormat(), GraniteMoeSharedFormat(),
                                                          NativeFormat())}
 
 

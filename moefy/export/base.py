@@ -14,7 +14,8 @@ from moefy.transforms.base import LayerPlan, SourceInfo
 # config class has parsed them (a class that drops or recomputes one cannot hold the model).
 SEMANTIC_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "vocab_size",
                  "rms_norm_eps", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
-                 "sliding_window", "layer_types", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id")
+                 "sliding_window", "layer_types", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id",
+                 "embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
 
 
 def _same(key: str, a, b) -> bool:
@@ -72,11 +73,12 @@ class StandardMoeFormat(ExportFormat):
 
     architecture: ClassVar[str]
     block_attr: ClassVar[str]  # the decoder layer's attribute holding the MoE block
-    expert_names: ClassVar[tuple[str, str, str]]  # (gate, up, down) inside experts.{e}
+    expert_names: ClassVar[tuple[str, str, str]]  # (gate, up, down) inside experts.{e} (per-expert layouts)
     num_experts_key: ClassVar[str]
     width_key: ClassVar[str]
     families: ClassVar[tuple[str, ...]]
     has_shared: ClassVar[bool] = False
+    shared_width_key: ClassVar[str] = "shared_expert_intermediate_size"
     can_skip_layers: ClassVar[bool] = False  # has `mlp_only_layers`
     renormalize_key: ClassVar[str | None] = None  # config flag for renormalised top-k weights
 
@@ -87,6 +89,8 @@ class StandardMoeFormat(ExportFormat):
             return f"{self.name} experts are gated (SwiGLU); this MLP is not"
         if source.adapter.mlp_bias(source.config):
             return f"{self.name} experts have no biases; this model's MLP has them"
+        if plan.dense_layers and not self.can_skip_layers:
+            return f"{self.name} has no dense (MLP-only) layers; this MoE keeps some: use native"
         if not plan.uniform:
             return f"{self.name} needs experts of equal width; these differ (pruned branches): use native"
         if plan.expert_width % 8:
@@ -100,7 +104,7 @@ class StandardMoeFormat(ExportFormat):
         if not plan.same_top_k:
             return f"{self.name} activates the same number of experts in every layer; this MoE varies it: use native"
         if plan.shared and not self.has_shared:
-            return f"{self.name} has no shared expert; this MoE has one: use qwen2_moe or native"
+            return f"{self.name} has no shared expert; this MoE has one"
         return self._attention_unsupported(source.config) or self._config_unsupported(source, plan)
 
     def _attention_unsupported(self, config: dict) -> str | None:
@@ -209,6 +213,6 @@ class StandardMoeFormat(ExportFormat):
         spec = {"widths": [config[self.width_key]] * num_experts, "top_k": config["num_experts_per_tok"],
                 "scoring": "softmax", "combine": "renormalize" if renormalize else "prob",
                 "activation": config.get("hidden_act", "silu"), "gated": True,
-                "shared_width": config.get("shared_expert_intermediate_size", 0) if self.has_shared else 0,
+                "shared_width": config.get(self.shared_width_key, 0) if self.has_shared else 0,
                 "bias": False}
         return {i: dict(spec) for i in range(config["num_hidden_layers"]) if i not in dense}

@@ -11,8 +11,3 @@ class MixtralFormat(StandardMoeFormat):
     num_experts_key = "num_local_experts"
     width_key = "intermediate_size"
     families = ("llama", "mistral")
-
-    def unsupported(self, source, plan):
-        if plan.dense_layers:
-            return "mixtral has no dense (MLP-only) layers; this MoE keeps some: use qwen2_moe or native"
-        return super().unsupported(source, plan)

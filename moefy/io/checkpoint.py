@@ -47,6 +47,7 @@ class Checkpoint:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BadInput(f"{config_path} is not valid JSON ({exc}). Fix or re-download the checkpoint.") from None
         self._locations = self._index_weights()
+        self._stored_names: dict[str, str] = {}  # name → name in the file, where `add_prefix` renamed it
         self._open: tuple[Path, object] | None = None  # one shard at a time keeps mapped pages bounded
 
     # -- weight files ---------------------------------------------------------------------------
@@ -99,8 +100,16 @@ class Checkpoint:
         shard = self._locations[name]
         if self._open is None or self._open[0] != shard:
             self._open = (shard, safe_open(shard, "pt") if shard.suffix == ".safetensors" else self._load_bin(shard))
-        handle = self._open[1]
-        return handle.get_tensor(name) if shard.suffix == ".safetensors" else handle[name].clone()
+        handle, stored = self._open[1], self._stored_names.get(name, name)
+        return handle.get_tensor(stored) if shard.suffix == ".safetensors" else handle[stored].clone()
+
+    def add_prefix(self, prefix: str) -> None:
+        """Name the tensors as the causal-LM class does when the file holds the bare base model (GPT-2 on the
+        hub stores `h.0.…` for `transformer.h.0.…`); a no-op when any name already starts with `prefix`."""
+        if any(name.startswith(prefix + ".") for name in self._locations):
+            return
+        self._stored_names = {f"{prefix}.{name}": name for name in self._locations}
+        self._locations = {f"{prefix}.{name}": path for name, path in self._locations.items()}
 
     def release(self) -> None:
         """Drop the open shard handle (and its mapping) once a pass over the weights is done."""

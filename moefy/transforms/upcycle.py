@@ -136,8 +136,10 @@ class Upcycle(Transform):
                 opened.append(None)
                 continue
             ckpt = open_source(spec)
-            keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "hidden_act")
-            diff = [k for k in keys if ckpt.config.get(k) != source.config.get(k)]
+            ckpt.add_prefix(source.adapter.base_prefix)
+            adapter = source.adapter
+            keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", adapter.activation_key)
+            diff = [k for k in keys if adapter.setting(ckpt.config, k) != adapter.setting(source.config, k)]
             if diff:
                 raise BadInput(f"upcycle.sources: {spec} differs from the source in {', '.join(diff)}; experts can "
                                f"only come from checkpoints of the same architecture and shape.")
