@@ -66,7 +66,8 @@ def convert(
     output: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --force)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: KEY=VALUE (YAML value)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text (.txt/.raw/.jsonl/hf:...)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="auto|native|mixtral|qwen2_moe|qwen3_moe."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="auto|native|mixtral|qwen2_moe|qwen3_moe|granitemoe|"
+                                                            "granitemoeshared (`moefy recipes` lists them)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|float32|bfloat16|float16."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (for calibration-based transforms)."),
@@ -157,18 +158,32 @@ def print_eval(report: dict) -> None:
 @app.command()
 @_handled
 def inspect(model: str = typer.Argument(..., help="Model directory (or `demo`)."),
+            recipe: Optional[str] = typer.Option(None, "--recipe", "-r",
+                                                 help="For a dense MODEL: the format this recipe would be "
+                                                      "written in (`--format auto`), and why."),
+            set_: list[str] = typer.Option([], "--set", help="Override a recipe key: KEY=VALUE (YAML value)."),
             as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of a table.")):
-    """Describe a checkpoint: format, experts, routing, parameter counts."""
+    """Describe a checkpoint: format, experts, routing, parameter counts (and, with --recipe, the export)."""
     from moefy.io.checkpoint import open_source
     from moefy.summary import summarize
 
-    report = summarize(open_source(model))
+    ckpt = open_source(model)
+    report = summarize(ckpt)
+    if recipe is not None:
+        from moefy.convert import plan_conversion
+        from moefy.recipe import load_recipe
+
+        if report["format"] != "dense":
+            raise BadInput(f"--recipe describes converting a dense model; {model} is already {report['format']}.")
+        choice = plan_conversion(ckpt, load_recipe(recipe, set_), allow_inexact=True)[3]
+        report["export"] = {"format": choice.format.name, "reason": choice.reason, "exact": choice.exact}
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
         return
     table = Table(title=str(model), show_header=False)
     provenance = report.pop("provenance") or {}
-    for key, value in [*report.items(), *provenance.items()]:
+    export = report.pop("export", None) or {}
+    for key, value in [*report.items(), *provenance.items(), *[(f"export {k}", v) for k, v in export.items()]]:
         table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else
                       f"{value:.4f}" if isinstance(value, float) else str(value))
     out.print(table)

@@ -47,18 +47,25 @@ def plan_pipeline(transforms, source: SourceInfo) -> LayerPlan:
     return plan
 
 
+def plan_conversion(ckpt: Checkpoint, recipe: Recipe, fmt: str | None = None, allow_inexact: bool = False,
+                    seed: int = 0):
+    """(transforms, source info, layer plan, format choice) of a conversion, from config and recipe only."""
+    transforms = recipe.build_transforms(seed)
+    adapter = adapter_for(ckpt.config, where=str(ckpt.path))
+    ckpt.add_prefix(adapter.base_prefix)
+    info = SourceInfo(adapter, ckpt.config)
+    plan = plan_pipeline(transforms, info)
+    return transforms, info, plan, choose_format(fmt or recipe.output.format, info, plan, allow_inexact)
+
+
 def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, dtype: str | None = None,
             seed: int = 0, force: bool = False, dry_run: bool = False, allow_inexact: bool = False,
             calib: str | None = None, device: str = "auto") -> dict:
     """Run the recipe on SOURCE and write OUT; returns the provenance record (moefy.json)."""
     started = time.perf_counter()
-    transforms = recipe.build_transforms(seed)
     ckpt = open_source(source)
-    adapter = adapter_for(ckpt.config, where=str(ckpt.path))
-    ckpt.add_prefix(adapter.base_prefix)
-    info = SourceInfo(adapter, ckpt.config)
-    plan = plan_pipeline(transforms, info)
-    choice = choose_format(fmt or recipe.output.format, info, plan, allow_inexact)
+    transforms, info, plan, choice = plan_conversion(ckpt, recipe, fmt, allow_inexact, seed)
+    adapter = info.adapter
     out_dtype = dtype if dtype and dtype != "auto" else recipe.output.dtype
     out_dtype = source_dtype(ckpt) if out_dtype == "auto" else out_dtype
     log(f"source {ckpt.origin} ({adapter.model_type}, {adapter.num_layers(ckpt.config)} layers) → "

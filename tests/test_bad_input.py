@@ -31,13 +31,20 @@ def test_dir_without_config(tmp_path):
     _expect_bad(["convert", tmp_path / "empty", "-r", "mlpmoe", "-o", tmp_path / "out"], "no config.json")
 
 
-def test_unsupported_architecture(tiny, tmp_path):
+@pytest.mark.parametrize("model_type", ["mixtral", "falcon"])  # already MoE; a dense family without an adapter
+def test_unsupported_architecture(tiny, tmp_path, model_type):
     src = tiny("llama")
     config = json.loads((src / "config.json").read_text())
-    config["model_type"] = "mixtral"
+    config["model_type"] = model_type
     (src / "config.json").write_text(json.dumps(config))
-    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", tmp_path / "out"], "'mixtral'", "Supported: gemma, gemma2",
-                "llama")
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", tmp_path / "out"], f"'{model_type}'",
+                "Supported: gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama", "cannot be converted again")
+
+
+def test_moefy_output_is_not_a_source(tiny, tmp_path):
+    out = tmp_path / "moe"
+    assert run_cli("convert", tiny("gpt2", n_inner=128), "-r", "mlpmoe", "-o", out)[0] == 0
+    _expect_bad(["convert", out, "-r", "mlpmoe", "-o", tmp_path / "again"], "'moefy'", "cannot be converted again")
 
 
 def test_truncated_safetensors(tiny, tmp_path):

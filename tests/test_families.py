@@ -2,6 +2,7 @@
 gate/up projection and GPT-2/GPT-NeoX's non-gated MLPs with biases (GPT-2's stored transposed). Every
 transform is exact where the math says so, through both loaders of the native format."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,22 @@ def test_validate_routed_blocks_of_new_families(tiny, tmp_path, text_file, famil
     assert code == 0, stdout + err
     report = read_json(report_path)
     assert report["passed"] and report["max_abs_diff"] < 1e-5 and len(report["blocks"]) >= 2
+
+
+@pytest.mark.parametrize("family,recipe,fmt,why", [
+    ("gpt2", "upcycle-8x2", "native", "no standard MoE format for gpt2"),
+    ("granite", "upcycle-8x2", "granitemoe", "exact standard format for granite"),
+    ("granite", str(EXAMPLES / "carve-25-wide.yaml"), "granitemoeshared", "granitemoe has no shared expert"),
+    ("llama", "mlpmoe-fade", "native", "needs experts of equal width"),
+])
+def test_inspect_says_which_format_and_why(tiny, tmp_path, family, recipe, fmt, why):
+    src = tiny(family, **FAMILY_CONFIGS.get(family, {}))
+    code, stdout, stderr = run_cli("inspect", src, "--recipe", recipe, "--json")
+    assert code == 0, stderr
+    export = json.loads(stdout)["export"]
+    assert export["format"] == fmt and why in export["reason"] and export["exact"]
+    if recipe == "upcycle-8x2":
+        out = tmp_path / "out"
+        assert run_cli("convert", src, "-r", recipe, "-o", out)[0] == 0
+        code, _, stderr = run_cli("inspect", out, "--recipe", recipe)
+        assert code == 2 and "already" in stderr

@@ -33,7 +33,8 @@ def choose_format(name: str, source: SourceInfo, plan: LayerPlan, allow_inexact:
             fmt = FORMATS[candidate]
             reason = fmt.unsupported(source, plan) or fmt.inexact(plan)
             if reason is None:
-                return FormatChoice(fmt, f"exact standard format for {source.adapter.model_type}")
+                skipped = "".join(f" (skipped: {r})" for r in reasons)
+                return FormatChoice(fmt, f"exact standard format for {source.adapter.model_type}{skipped}")
             reasons.append(reason)
         why = "; ".join(reasons) if reasons else f"no standard MoE format for {source.adapter.model_type}"
         return FormatChoice(FORMATS["native"], f"no exact standard format ({why})")
