@@ -16,9 +16,15 @@ from moefy_kernels.routing import activation_fn
 PER_TOKEN_MAX = 2  # up to this many tokens, looping over the selected experts beats sorting
 
 
-def _has_grouped_mm(x: torch.Tensor) -> bool:
-    """`torch._grouped_mm` runs fp32 on CPU; on CUDA it wants bf16."""
-    return hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+def _has_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """`torch._grouped_mm` runs fp32 on CPU (on CUDA it wants bf16) and needs 16-byte aligned operands and
+    strides: experts at least 4 fp32 wide, in multiples of 4 (tiny carves have 2-wide experts)."""
+    if not hasattr(torch, "_grouped_mm") or not (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        return False
+    width_bytes = w2.shape[-1] * x.element_size()  # the stride of the [N, I] intermediate
+    return width_bytes % 16 == 0 and all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0
+                                                                          for s in t.stride() if s != 1)
+                                         for t in (x, w13, w2))
 
 
 def _glu(z: torch.Tensor, act, gated: bool) -> torch.Tensor:
@@ -31,7 +37,7 @@ def _glu(z: torch.Tensor, act, gated: bool) -> torch.Tensor:
 def _grouped(x_sorted, row_weights, row_bias, counts, w13, w2, act, gated):
     """row_weights · expert e on rows counts[:e].sum() … counts[:e+1].sum() of x_sorted; row_bias: each row's
     expert input bias [N, rows] or None."""
-    if _has_grouped_mm(x_sorted):
+    if _has_grouped_mm(x_sorted, w13, w2):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         z = torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs)
         h = _glu(z if row_bias is None else z + row_bias, act, gated) * row_weights

@@ -116,3 +116,21 @@ def test_inspect_says_which_format_and_why(tiny, tmp_path, family, recipe, fmt, 
         assert run_cli("convert", src, "-r", recipe, "-o", out)[0] == 0
         code, _, stderr = run_cli("inspect", out, "--recipe", recipe)
         assert code == 2 and "already" in stderr
+
+
+SMALL_CALIBRATION = ["calibration.samples=4", "calibration.seq_len=32"]
+
+
+@pytest.mark.parametrize("recipe", ["mlpmoe-fade", "mlpmoe-compensated", "drop-upcycle-8x2", "cmoe-25", "carve-50"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "phi3"])
+def test_lossy_recipes_on_new_mlp_layouts(tiny, tmp_path, text_file, family, recipe):
+    """Unequal widths, pruned branches, re-drawn neurons (and their biases), carves with shared experts: every
+    shipped kind of lossy conversion runs on the non-gated/biased and fused layouts, and the written blocks
+    match the reference."""
+    out = tmp_path / "out"
+    sets = [a for s in SMALL_CALIBRATION for a in ("--set", s)] if recipe.startswith(("cmoe", "carve")) else []
+    code, _, stderr = run_cli("convert", tiny(family, **FAMILY_CONFIGS[family]), "-r", recipe, "-o", out,
+                              "--calib", text_file, *sets)
+    assert code == 0, stderr
+    code, stdout, err = run_cli("validate", out, "--backend", "torch")
+    assert code == 0, stdout + err
