@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moefy.transforms.base import LayerPlan, SourceInfo, Transform
 from moefy.transforms.carve import Carve
+from moefy.transforms.distill import Distill
 from moefy.transforms.fit_router import FitRouter
 from moefy.transforms.slice import Slice
 from moefy.transforms.upcycle import Upcycle
@@ -13,6 +14,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     Carve.name: Carve,
     Upcycle.name: Upcycle,
     FitRouter.name: FitRouter,
+    Distill.name: Distill,
 }
 
 __all__ = ["TRANSFORMS", "Transform", "LayerPlan", "SourceInfo"]

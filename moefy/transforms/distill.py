@@ -1,0 +1,246 @@
+"""`distill`: layer-local distillation of an MoE block into its source's dense MLP.
+
+Runs after `carve`, `slice` or `upcycle` inside the sequential layer-by-layer pass (moefy.calib), so
+each block trains on the inputs it will really see (earlier layers already carved and distilled).
+Per MoE layer: the dense MLP of the source (the teacher) gives the target outputs of the cached
+calibration inputs; router, experts (gate/up/down and their biases), expert scales, shared expert
+and output bias are trained with Adam on the relative MSE (+ optionally 1 − cosine) — only this
+layer's parameters exist as trainable tensors, so memory stays bounded by one layer.
+
+Top-k selection is not differentiable; with `relaxation: straight_through` the forward pass uses the
+block's exact routing (hard top-k, its combine rule) while the backward pass sees every expert's
+weight as k·softmax(logits) — the router learns which experts to pick, not only how to weigh the
+picked ones. An optional Switch-style load-balancing term keeps experts used evenly.
+
+The budget (`tokens`, `minutes`) is shared out over the MoE layers still to come, so a fast early
+layer leaves time to later ones. Training is seeded per layer; a `tokens` budget is deterministic,
+a `minutes` budget that stops a layer early depends on the machine (the steps run are recorded). A
+layer whose held-out loss does not improve keeps its weights (no drift on an already-exact block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from moefy.errors import BadInput
+from moefy.moe.layer import DenseMLP, MoeLayer, activations
+from moefy.progress import log
+from moefy.transforms.base import LayerData, LayerPlan, Options, SourceInfo, Transform
+
+PARTS = ("router", "experts", "scales", "shared")  # + "bias": a new output bias (standard formats have none)
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: int | None = Field(None, gt=0, description="training tokens over all layers (token-passes)")
+    minutes: float | None = Field(None, gt=0, description="wall-clock minutes over all layers")
+
+    @model_validator(mode="after")
+    def _some_limit(self):
+        if self.tokens is None and self.minutes is None:
+            raise ValueError("give budget.tokens, budget.minutes or both")
+        return self
+
+
+class DistillOptions(Options):
+    budget: Budget = Field(description="training budget over all MoE layers: {tokens: N, minutes: M}")
+    train: list[Literal["router", "experts", "scales", "shared", "bias"]] = Field(
+        list(PARTS), description="what is trained (absent parts of a block are skipped; bias adds an output bias)")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate (cosine decay over each layer's steps)")
+    router_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the router")
+    batch_tokens: int = Field(512, ge=1, description="tokens per step")
+    max_tokens: int = Field(32768, ge=64, description="calibration tokens a layer trains on (cycled)")
+    holdout_tokens: int = Field(1024, ge=16, description="calibration tokens kept out to measure before/after")
+    cosine: float = Field(0.0, ge=0, description="weight of the (1 − cosine similarity) term next to the MSE")
+    balance: float = Field(0.0, ge=0, description="weight of the Switch load-balancing term (routed blocks)")
+    relaxation: Literal["straight_through", "none"] = Field(
+        "straight_through", description="router gradient for the top-k choice: k·softmax in backward, or none")
+
+
+class Distill(Transform):
+    name = "distill"
+    Options = DistillOptions
+    summary = "layer-local distillation: train router, experts and scales to reproduce the dense MLP"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def min_calibration_tokens(self, source: SourceInfo) -> int:
+        return self.options.holdout_tokens + self.options.batch_tokens
+
+    def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
+        if previous is None:
+            raise BadInput("distill trains an MoE against its dense source: put it after carve, slice or upcycle "
+                           "in the recipe.")
+        trainable = set(self.options.train) & {"experts", "scales", "bias"}
+        if previous.scoring != "none":
+            trainable |= set(self.options.train) & {"router"}
+        if previous.shared:
+            trainable |= set(self.options.train) & {"shared"}
+        if not trainable:
+            raise BadInput(f"distill.train={self.options.train} leaves nothing to train in this MoE "
+                           f"({'static, no router' if previous.scoring == 'none' else 'routed'}"
+                           f"{', no shared expert' if not previous.shared else ''}). Add experts or scales.")
+        self._layers_left = source.adapter.num_layers(source.config) - len(previous.dense_layers)
+        self._spent_tokens, self._spent_seconds = 0, 0.0
+        if "bias" in self.options.train and not previous.bias:  # a trained output bias is a new tensor
+            return dataclasses.replace(previous, bias=True)
+        return previous
+
+    def apply(self, layer: int, current: DenseMLP | MoeLayer, data: LayerData | None = None):
+        if data is None:
+            raise BadInput("distill needs calibration data: pass --calib FILE or set calibration.dataset.")
+        if isinstance(current, DenseMLP):
+            return current  # a layer the previous transform left dense
+        o = self.options
+        gen = self.layer_generator(layer)
+        order = torch.randperm(data.inputs.shape[0], generator=gen)
+        # clones: the runner's inputs are inference-mode tensors, which autograd cannot save
+        holdout = data.inputs[order[: o.holdout_tokens]].float().clone()
+        train_x = data.inputs[order[o.holdout_tokens: o.holdout_tokens + o.max_tokens]].float().clone()
+        with torch.no_grad():
+            train_y, holdout_y = data.teacher.forward(train_x), data.teacher.forward(holdout)
+        tokens, seconds = self._layer_budget()
+        steps = max(1, tokens // o.batch_tokens) if tokens is not None else None
+        block = _Trainable(current, o.train, o.relaxation)
+        with torch.no_grad():
+            before = _loss(block.forward(holdout)[0], holdout_y, o.cosine).item()
+        start, done, losses = time.perf_counter(), 0, []
+        groups = [{"params": block.router_params, "lr": o.router_lr}, {"params": block.other_params, "lr": o.lr}]
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.Adam(groups)
+        base_lrs = [g["lr"] for g in groups]
+        while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
+            if steps is not None:  # cosine decay over the planned steps
+                for group, lr in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done / steps))
+            rows = torch.randint(0, train_x.shape[0], (o.batch_tokens,), generator=gen)
+            y, balance = block.forward(train_x[rows])
+            loss = _loss(y, train_y[rows], o.cosine) + o.balance * balance
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            done += 1
+        elapsed = time.perf_counter() - start
+        with torch.no_grad():
+            after = _loss(block.forward(holdout)[0], holdout_y, o.cosine).item()
+        kept = after < before - max(1e-3 * before, 1e-7)  # a real gain, not rounding noise on an exact block
+        result = block.export() if kept else current
+        self._spent_tokens += done * o.batch_tokens
+        self._spent_seconds += elapsed
+        self._layers_left -= 1
+        result.stats = {**current.stats, "distill": {
+            "holdout_loss_before": round(before, 6), "holdout_loss_after": round(after, 6), "kept": kept,
+            "steps": done, "tokens": done * o.batch_tokens, "seconds": round(elapsed, 2),
+            "train_loss_first_last": [round(losses[0], 6), round(losses[-1], 6)] if losses else None}}
+        log(f"distill layer {layer}: held-out loss {before:.4f} → {after:.4f}{'' if kept else ' (kept the original)'} "
+            f"in {done} steps, {elapsed:.1f}s")
+        return result
+
+    def _layer_budget(self) -> tuple[int | None, float | None]:
+        """This layer's share of what is left of the budget."""
+        b, left = self.options.budget, max(1, self._layers_left)
+        tokens = None if b.tokens is None else max(self.options.batch_tokens, (b.tokens - self._spent_tokens) // left)
+        seconds = None if b.minutes is None else max(0.0, (60 * b.minutes - self._spent_seconds) / left)
+        return tokens, seconds
+
+
+def _loss(y: torch.Tensor, target: torch.Tensor, cosine: float) -> torch.Tensor:
+    """‖y − t‖² / ‖t‖² (+ cosine · mean(1 − cos(y, t)))."""
+    loss = (y - target).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12)
+    if cosine:
+        loss = loss + cosine * (1 - F.cosine_similarity(y, target, dim=-1)).mean()
+    return loss
+
+
+class _Trainable:
+    """One MoeLayer as leaf tensors: those named in `train` require grad, the rest are constants."""
+
+    def __init__(self, moe: MoeLayer, train: list[str], relaxation: str):
+        self.moe, self.relaxation = moe, relaxation
+
+        def leaf(t, part):
+            return None if t is None else t.detach().float().clone().requires_grad_(part in train)
+
+        m = moe.mlp
+        self.mlp = {k: leaf(getattr(m, k), "experts") for k in ("gate", "up", "down", "gate_bias", "up_bias")}
+        self.shared = None if moe.shared is None else {
+            k: leaf(getattr(moe.shared, k), "shared") for k in ("gate", "up", "down", "gate_bias", "up_bias")}
+        self.scales = leaf(moe.scales, "scales")
+        self.router = leaf(moe.router, "router")
+        self.router_mlp = None if moe.router_mlp is None else tuple(leaf(t, "router") for t in moe.router_mlp)
+        bias = moe.bias if moe.bias is not None or "bias" not in train else torch.zeros(m.down.shape[0])
+        self.bias = leaf(bias, "bias")
+        self.widths = torch.tensor(moe.widths)
+
+    @property
+    def router_params(self) -> list[torch.Tensor]:
+        tensors = [self.router, *(self.router_mlp or ())]
+        return [t for t in tensors if t is not None and t.requires_grad]
+
+    @property
+    def other_params(self) -> list[torch.Tensor]:
+        tensors = [*self.mlp.values(), *(self.shared or {}).values(), self.scales, self.bias]
+        return [t for t in tensors if t is not None and t.requires_grad]
+
+    def _dense(self, fields: dict) -> DenseMLP:
+        return DenseMLP(fields["gate"], fields["up"], fields["down"], self.moe.mlp.activation, fields["gate_bias"],
+                        fields["up_bias"])
+
+    def _weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert weights [T, E] as the block routes (hard top-k), with the straight-through gradient;
+        and the Switch balance term."""
+        moe = self.moe
+        if moe.scoring == "none":
+            return self.scales.expand(x.shape[0], -1), x.new_zeros(())
+        logits = x @ self.router.T
+        if self.router_mlp is not None:
+            logits = logits + F.silu(x @ self.router_mlp[0].T) @ self.router_mlp[1].T
+        probs = logits.softmax(-1) if moe.scoring == "softmax" else logits.sigmoid()
+        top = probs.topk(moe.top_k, dim=-1)
+        chosen = torch.zeros_like(probs).scatter(1, top.indices, 1.0)
+        if moe.combine == "unit":
+            weights = chosen
+        elif moe.combine == "prob":
+            weights = chosen * probs
+        else:
+            weights = chosen * probs / (chosen * probs).sum(-1, keepdim=True)
+        if self.relaxation == "straight_through":
+            soft = moe.top_k * (probs / probs.sum(-1, keepdim=True))
+            weights = weights + (soft - soft.detach())
+        balance = moe.num_experts * (chosen.mean(0) / moe.top_k * probs.mean(0)).sum()
+        return weights * self.scales, balance
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block output [T, H], balance term)."""
+        weights, balance = self._weights(x)
+        mlp = self._dense(self.mlp)
+        y = (activations(mlp, x) * torch.repeat_interleave(weights, self.widths, dim=1)) @ mlp.down.T
+        if self.shared is not None:
+            shared = self._dense(self.shared)
+            y = y + activations(shared, x) @ shared.down.T
+        if self.bias is not None:
+            y = y + self.bias
+        return y, balance
+
+    def export(self) -> MoeLayer:
+        """The trained block as an MoeLayer (detached fp32 tensors)."""
+        def plain(t):
+            return None if t is None else t.detach().clone()
+
+        moe = self.moe
+        return dataclasses.replace(
+            moe, mlp=self._dense({k: plain(v) for k, v in self.mlp.items()}),
+            shared=None if self.shared is None else self._dense({k: plain(v) for k, v in self.shared.items()}),
+            scales=plain(self.scales), router=plain(self.router),
+            router_mlp=None if self.router_mlp is None else tuple(plain(t) for t in self.router_mlp),
+            bias=plain(self.bias), stats=dict(moe.stats))

@@ -1,0 +1,76 @@
+"""Distillation on a real model: Δppl before/after `distill` per recipe and budget, one process.
+
+    python scripts/bench_distill.py --json docs/bench_distill.json          # the table in docs/BENCHMARKS.md
+    python scripts/bench_distill.py --only carve-50-distill --set transforms.1.distill.budget.minutes=3
+
+Each row converts SOURCE with a recipe (calibration and training text: --calib only, never the eval
+text), then measures perplexity on --dataset with the DESIGN.md protocol against the dense source.
+The distill budget actually used (minutes, tokens) is read back from moefy.json.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_carve import quality_parser
+
+from moefy.convert import convert
+from moefy.evaluate import perplexity, token_windows
+from moefy.io.data import load_text
+from moefy.loading import load_model, load_tokenizer
+from moefy.progress import set_quiet
+from moefy.recipe import load_recipe
+
+ROWS = {  # name → (recipe, --set overrides of that row)
+    "carve-50": ("carve-50", []),
+    "carve-50-distill": ("carve-50-distill", []),
+    "carve-25": ("carve-25", []),
+    "carve-25-distill": ("carve-25-distill", []),
+    "carve-100-distill": ("carve-50-distill", ["transforms.0.carve.top_k=48"]),  # every expert active: no drift
+}
+
+
+def distill_totals(record: dict) -> dict:
+    layers = [s["distill"] for s in record["layers"].values() if "distill" in s]
+    return {"distill_minutes": round(sum(d["seconds"] for d in layers) / 60, 2),
+            "distill_tokens": sum(d["tokens"] for d in layers),
+            "holdout_loss_before": round(sum(d["holdout_loss_before"] for d in layers) / max(1, len(layers)), 4),
+            "holdout_loss_after": round(sum(d["holdout_loss_after"] for d in layers) / max(1, len(layers)), 4)}
+
+
+def main() -> None:
+    parser = quality_parser(__doc__.splitlines()[0], samples=64)
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="override for every row")
+    args = parser.parse_args()
+    set_quiet(True)
+    torch.manual_seed(0)
+    windows = token_windows(load_tokenizer(args.source), load_text(args.dataset), 512, args.windows)
+    dense = perplexity(load_model(args.source), windows, 4, label="dense")["ppl"]
+    print(f"dense ppl {dense:.4f} on {windows.shape[0]}×512", flush=True)
+    rows = []
+    for name in args.only or list(ROWS):
+        recipe_name, sets = ROWS[name]
+        applicable = [s for s in args.sets if "distill" not in s or "distill" in recipe_name]
+        recipe = load_recipe(recipe_name, [*sets, *applicable, f"calibration.samples={args.samples}"])
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out"
+            t0 = time.perf_counter()
+            record = convert(args.source, recipe, out, calib=args.calib)
+            seconds = time.perf_counter() - t0
+            ppl = perplexity(load_model(out), windows, 4, label=name)["ppl"]
+        row = {"name": name, "active": record["summary"]["mlp_active_fraction"], "format": record["format"]["name"],
+               "ppl": ppl, "delta_pct": 100 * (ppl / dense - 1), "convert_s": round(seconds, 1),
+               "overrides": [*sets, *applicable], **distill_totals(record)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"dense_ppl": dense, "windows": int(windows.shape[0]),
+                                         "samples": args.samples, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

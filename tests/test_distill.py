@@ -1,0 +1,92 @@
+"""distill: layer-local training of MoE blocks against the dense MLP, inside the layer-by-layer pass."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import assert_matches_dense, read_json, run_cli
+
+CALIBRATION = "calibration: {samples: 24, seq_len: 64}\n"
+
+
+def _recipe(directory: Path, carve: str, distill: str = "{budget: {tokens: 16384}}") -> Path:
+    path = directory / "recipe.yaml"
+    path.write_text(f"name: test-distill\ntransforms:\n  - carve: {carve}\n  - distill: {distill}\n{CALIBRATION}")
+    return path
+
+
+def _convert(src, recipe, out, text_file, *extra):
+    code, _, stderr = run_cli("convert", src, "-r", recipe, "-o", out, "--calib", text_file, *extra)
+    assert code == 0, stderr
+    return read_json(out / "moefy.json")
+
+
+def test_distill_lowers_every_layers_loss_and_records_it(tiny, tmp_path, text_file):
+    src = tiny("llama", intermediate_size=256)
+    record = _convert(src, _recipe(tmp_path, "{experts: 8, shared: 1, top_k: 2}"), tmp_path / "out", text_file)
+    for stats in record["layers"].values():
+        d = stats["distill"]
+        assert d["kept"] and d["holdout_loss_after"] < 0.9 * d["holdout_loss_before"]
+        assert d["steps"] == 16384 // 2 // 512 and d["tokens"] == d["steps"] * 512  # the budget, split over 2 layers
+    assert record["format"]["name"] == "qwen2_moe"  # no new tensors: still exact in the standard format
+
+
+def test_distill_is_deterministic(tiny, tmp_path, text_file):
+    src = tiny("llama", intermediate_size=256)
+    recipe = _recipe(tmp_path, "{experts: 8, shared: 1, top_k: 2}")
+    for name in ("a", "b"):
+        _convert(src, recipe, tmp_path / name, text_file, "--seed", "3")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distilling_an_exact_block_changes_nothing(tiny, tmp_path, text_file):
+    """Every expert active: the block already equals the dense MLP; distill keeps it (no drift)."""
+    src = tiny("llama", intermediate_size=256)
+    record = _convert(src, _recipe(tmp_path, "{experts: 8, shared: 0, top_k: 8, compensation: {refit_down: false}}"),
+                      tmp_path / "out", text_file)
+    assert not any(s["distill"]["kept"] for s in record["layers"].values())
+    assert_matches_dense(tmp_path / "out", src)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("first", ["upcycle: {experts: 4, top_k: 2, drop: 0.5}",
+                                   "slice: {experts: 8, prune: {branches: 2}}"])
+def test_distill_after_upcycle_and_slice(tiny, tmp_path, text_file, family, first):
+    """Routed (straight-through router gradient) and static blocks, gated and GPT-2's biased layout; a trained
+    output bias makes the export native."""
+    src = tiny(family, **({"n_inner": 128} if family == "gpt2" else {}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"transforms:\n  - {first}\n  - distill: {{budget: {{tokens: 8192}}, train: [router, experts, "
+                      f"scales, bias], lr: 1e-3}}\n{CALIBRATION}")
+    record = _convert(src, recipe, tmp_path / "out", text_file)
+    assert record["format"]["name"] == "native"
+    losses = [(s["distill"]["holdout_loss_before"], s["distill"]["holdout_loss_after"])
+              for s in record["layers"].values()]
+    assert all(after <= before for before, after in losses) and any(after < before for before, after in losses)
+    assert run_cli("validate", tmp_path / "out")[0] == 0
+
+
+@pytest.mark.parametrize("transforms,message", [
+    ("  - carve: {experts: 4, top_k: 2}\n  - distill: {budget: {tokens: 0}}", "greater than 0"),
+    ("  - carve: {experts: 4, top_k: 2}\n  - distill: {budget: {minutes: -1}}", "greater than 0"),
+    ("  - carve: {experts: 4, top_k: 2}\n  - distill: {budget: {}}", "budget.tokens, budget.minutes"),
+    ("  - carve: {experts: 4, top_k: 2}\n  - distill: {}", "budget"),
+    ("  - distill: {budget: {tokens: 100}}", "put it after carve"),
+    ("  - slice: {experts: 4}\n  - distill: {budget: {tokens: 100}, train: [router, shared]}", "nothing to train"),
+])
+def test_distill_bad_input(tiny, tmp_path, text_file, transforms, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"transforms:\n{transforms}\n{CALIBRATION}")
+    code, stdout, stderr = run_cli("convert", tiny("llama"), "-r", recipe, "-o", tmp_path / "out", "--calib", text_file)
+    assert code == 2 and message in stderr and "Traceback" not in stderr + stdout, stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_needs_calibration(tiny, tmp_path):
+    recipe = _recipe(tmp_path, "{experts: 4, top_k: 2}")
+    recipe.write_text(recipe.read_text().replace(CALIBRATION, ""))
+    code, _, stderr = run_cli("convert", tiny("llama"), "-r", recipe, "-o", tmp_path / "out")
+    assert code == 2 and "calibration data" in stderr
