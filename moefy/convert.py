@@ -78,6 +78,8 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
     with atomic_output(out) as tmp:
         layer_stats = _write_model(ckpt, info, transforms, choice.format, tmp, out_dtype, shard_bytes, seed,
                                    calibration)
+        finalized = {t.name: stats for t in transforms
+                     if (stats := t.finalize(tmp, ckpt, calibration, out_dtype, recipe.output.shard_size))}
         record = {
             "moefy_version": moefy.__version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -89,6 +91,7 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
             "format": {"name": choice.format.name, "reason": choice.reason, "exact": choice.exact},
             "dtype": out_dtype,
             "layers": layer_stats,
+            "finalize": finalized or None,  # model-wide passes after the layers (end-to-end distillation)
             "convert_seconds": round(time.perf_counter() - started, 3),
         }
         if not choice.exact:

@@ -13,6 +13,14 @@ from moefy.moe.modeling_moefy import MoefyConfig, MoefyForCausalLM
 from moefy_kernels import BACKENDS, resolve_backend
 
 _registered = False
+STANDARD_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "GraniteMoeMoE",
+                   "GraniteMoeSharedMoE")  # transformers' MoE block classes of the standard export formats
+
+
+def moe_blocks(model) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every MoE block of a loaded model: native MoeBlocks and standard transformers blocks."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, MoefyForCausalLM.block_class) or type(module).__name__ in STANDARD_BLOCKS]
 
 
 def _register_with_transformers() -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from moefy.arch.base import ACTIVATION_NAMES
 from moefy.errors import BadInput
-from moefy.loading import checked_backend, experts_implementation, load_model
+from moefy.loading import checked_backend, experts_implementation, load_model, moe_blocks
 from moefy.moe.modeling_moefy import MoeBlock
 from moefy_kernels import moe_forward
 
@@ -26,8 +26,6 @@ from moefy_kernels import moe_forward
 # so an element-wise rtol would fail near-zero outputs of those rows on summation order alone.
 BLOCK_ATOL, BLOCK_RTOL = 1e-4, 1e-4
 LOGIT_ATOL = 1e-3  # fp32 noise accumulates over depth (see docs/BENCHMARKS.md)
-STANDARD_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "GraniteMoeMoE",
-                   "GraniteMoeSharedMoE")
 
 
 def _standard_forward(block, activation: str, backend: str):
@@ -63,14 +61,14 @@ def _blocks(model, backend: str) -> list[tuple[str, torch.nn.Module, dict]]:
     """(name, module, {implementation: fn}) with a "reference" entry for every MoE block."""
     activation = ACTIVATION_NAMES.get(getattr(model.config, "hidden_act", "silu"), "silu")
     found = []
-    for name, module in model.named_modules():
+    for name, module in moe_blocks(model):
         if isinstance(module, MoeBlock):
             def run(x, module=module, chosen=backend):
                 with _backend(module, chosen):  # the class forward: module.forward may be swapped below
                     return MoeBlock.forward(module, x)
             found.append((name, module, {f"moefy:{backend}": run,
                                          "reference": lambda x, run=run: run(x, chosen="reference")}))
-        elif type(module).__name__ in STANDARD_BLOCKS:
+        else:
             found.append((name, module, {"transformers": _transformers_experts(model, module),
                                          f"transformers+{experts_implementation(backend)}": module.forward,
                                          f"moefy:{backend}": _standard_forward(module, activation, backend),

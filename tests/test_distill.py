@@ -28,7 +28,7 @@ def test_distill_lowers_every_layers_loss_and_records_it(tiny, tmp_path, text_fi
     record = _convert(src, _recipe(tmp_path, "{experts: 8, shared: 1, top_k: 2}"), tmp_path / "out", text_file)
     for stats in record["layers"].values():
         d = stats["distill"]
-        assert d["kept"] and d["holdout_loss_after"] < 0.9 * d["holdout_loss_before"]
+        assert d["kept"] and d["holdout_loss_after"] < 0.95 * d["holdout_loss_before"]
         assert d["steps"] == 16384 // 2 // 512 and d["tokens"] == d["steps"] * 512  # the budget, split over 2 layers
     assert record["format"]["name"] == "qwen2_moe"  # no new tensors: still exact in the standard format
 
@@ -73,7 +73,8 @@ def test_distill_after_upcycle_and_slice(tiny, tmp_path, text_file, family, firs
     ("  - carve: {experts: 4, top_k: 2}\n  - distill: {budget: {tokens: 0}}", "greater than 0"),
     ("  - carve: {experts: 4, top_k: 2}\n  - distill: {budget: {minutes: -1}}", "greater than 0"),
     ("  - carve: {experts: 4, top_k: 2}\n  - distill: {budget: {}}", "budget.tokens, budget.minutes"),
-    ("  - carve: {experts: 4, top_k: 2}\n  - distill: {}", "budget"),
+    ("  - carve: {experts: 4, top_k: 2}\n  - distill: {}", "give budget (layer-local stage), end_to_end"),
+    ("  - carve: {experts: 4, top_k: 2}\n  - distill: {end_to_end: {budget: {tokens: 64}, train: lora}}", "train"),
     ("  - distill: {budget: {tokens: 100}}", "put it after carve"),
     ("  - slice: {experts: 4}\n  - distill: {budget: {tokens: 100}, train: [router, shared]}", "nothing to train"),
 ])
@@ -90,3 +91,35 @@ def test_distill_needs_calibration(tiny, tmp_path):
     recipe.write_text(recipe.read_text().replace(CALIBRATION, ""))
     code, _, stderr = run_cli("convert", tiny("llama"), "-r", recipe, "-o", tmp_path / "out")
     assert code == 2 and "calibration data" in stderr
+
+
+E2E = "{end_to_end: {budget: {tokens: 1024}, lr: 1e-3}}"
+
+
+@pytest.mark.parametrize("family,fmt", [("llama", "qwen2_moe"), ("gpt2", "native")])
+def test_end_to_end_distillation(tiny, tmp_path, text_file, family, fmt):
+    """KL to the dense logits on calibration samples; the trained weights are written in the format's layout
+    and load back (standard: stock transformers; native: both loaders), and every block still validates."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny(family, **({"n_inner": 128} if family == "gpt2" else {"intermediate_size": 256}))
+    record = _convert(src, _recipe(tmp_path, "{experts: 8, shared: 1, top_k: 2}", E2E), tmp_path / "out", text_file)
+    e2e = record["finalize"]["distill"]
+    assert record["format"]["name"] == fmt and e2e["kept"] and e2e["holdout_kl_after"] < e2e["holdout_kl_before"]
+    assert e2e["steps"] == 1024 // 64 and e2e["tokens"] == 1024
+    assert all("distill" not in s for s in record["layers"].values())  # no layer-local stage asked for
+    assert run_cli("validate", tmp_path / "out")[0] == 0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=fmt == "native")
+
+
+def test_end_to_end_is_deterministic_and_leaves_an_exact_model_alone(tiny, tmp_path, text_file):
+    src = tiny("llama", intermediate_size=256)
+    recipe = _recipe(tmp_path, "{experts: 8, shared: 1, top_k: 2}", E2E)
+    for name in ("a", "b"):
+        _convert(src, recipe, tmp_path / name, text_file)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    exact = _convert(src, _recipe(tmp_path, "{experts: 8, shared: 0, top_k: 8, compensation: {refit_down: false}}",
+                                  E2E), tmp_path / "exact", text_file)
+    assert not exact["finalize"]["distill"]["kept"]
+    assert_matches_dense(tmp_path / "exact", src)

@@ -188,14 +188,15 @@ class MoeBlock(nn.Module):
             shared = (self.shared.gate_up_proj, self.shared.down_proj, self.shared.gate_up_bias)
         kwargs = dict(scoring=self.scoring, combine=self.combine, activation=self.activation, gated=self.gated,
                       shared=shared, expert_scales=self.expert_scales, b13=b13)
-        if moe_forward is not None:
+        if moe_forward is not None and not (self.training and torch.is_grad_enabled()):
             return moe_forward(x, logits, w13, w2, self.top_k, backend=self.backend, **kwargs)
         return _dense_masked_moe(x, logits, w13, w2, self.top_k, **kwargs)
 
 
 def _dense_masked_moe(x, logits, w13, w2, top_k, *, scoring, combine, activation, gated, shared, expert_scales,
                       b13=None):
-    """Fallback without moefy_kernels: every expert on every token, masked by the routing weights."""
+    """Every expert on every token (two dense-MLP-sized GEMMs), masked by the routing weights: the fallback
+    without moefy_kernels, and the differentiable path for training (end-to-end distillation)."""
     act = _ACTIVATIONS[activation]
     probs = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()
     top_p, top_i = torch.topk(probs, top_k, dim=-1)
@@ -204,10 +205,12 @@ def _dense_masked_moe(x, logits, w13, w2, top_k, *, scoring, combine, activation
     elif combine == "renormalize":
         top_p = top_p / top_p.sum(-1, keepdim=True)
     dense_w = torch.zeros_like(probs).scatter(-1, top_i, top_p) * expert_scales.float()
-    z = torch.einsum("th,eoh->teo", x.float(), w13.float())
+    experts, width, dim = w2.shape[0], w2.shape[2], w2.shape[1]
+    z = F.linear(x.float(), w13.float().reshape(-1, dim)).view(x.shape[0], experts, -1)
     z = z if b13 is None else z + b13.float()
-    h = act(z[..., : w2.shape[-1]]) * z[..., w2.shape[-1]:] if gated else act(z)
-    y = torch.einsum("tei,ehi,te->th", h, w2.float(), dense_w)
+    h = act(z[..., :width]) * z[..., width:] if gated else act(z)
+    h = (h * dense_w[..., None]).reshape(x.shape[0], experts * width)
+    y = F.linear(h, w2.float().permute(1, 0, 2).reshape(dim, experts * width))
     if shared is not None:
         shared_b13 = shared[2].float() if len(shared) == 3 and shared[2] is not None else None
         y = y + _expert_mlp(x.float(), shared[0].float(), shared[1].float(), act, gated, shared_b13)
@@ -218,6 +221,7 @@ class MoefyForCausalLM(PreTrainedModel, GenerationMixin):
     """The source architecture's causal LM, built from the stored base config, with MoE MLPs."""
 
     config_class = MoefyConfig
+    block_class = MoeBlock
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True

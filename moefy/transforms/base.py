@@ -4,7 +4,8 @@ Lifecycle (llm-compressor style): `check(source)` validates options against the 
 before anything is written; `plan(prev)` says what the layers will look like so the export
 format can be chosen up front; an optional dense `preview` pass sees every layer before any is
 rewritten; `apply(layer, block, data)` rewrites one layer at a time, in layer order, so memory stays
-bounded by one layer (+ the calibration activations when a transform needs them: see moefy.calib).
+bounded by one layer (+ the calibration activations when a transform needs them: see moefy.calib);
+an optional `finalize` sees the whole written model (end-to-end distillation).
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ class Transform:
     def apply(self, layer: int, current: DenseMLP | MoeLayer, data: LayerData | None = None) -> DenseMLP | MoeLayer:
         """Rewrite one layer; `data` is given when the pipeline calibrates, else None."""
         raise NotImplementedError
+
+    def finalize(self, out_dir, source, calibration, dtype: str, shard_size: str) -> dict | None:
+        """A model-wide pass once every layer is written to `out_dir` (in place, before it is renamed to OUT):
+        e.g. end-to-end training. Returns what to record in moefy.json (None: nothing done)."""
+        return None
 
 
 def read_mlp(ckpt, info: SourceInfo, layer: int) -> DenseMLP:

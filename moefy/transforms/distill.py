@@ -1,4 +1,7 @@
-"""`distill`: layer-local distillation of an MoE block into its source's dense MLP.
+"""`distill`: recover a carved / sliced / upcycled MoE by distilling it into its dense source.
+
+Two stages, either or both: layer-local (below), then optionally end-to-end — KL to the dense
+model's logits on the calibration samples with the whole written model in memory (moefy.calib.end_to_end).
 
 Runs after `carve`, `slice` or `upcycle` inside the sequential layer-by-layer pass (moefy.calib), so
 each block trains on the inputs it will really see (earlier layers already carved and distilled).
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moefy.calib.end_to_end import distill_end_to_end, improved
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, activations
 from moefy.progress import log
@@ -49,12 +53,23 @@ class Budget(BaseModel):
         return self
 
 
+class EndToEnd(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    budget: Budget = Field(description="training budget of this stage: {tokens: N, minutes: M}")
+    train: Literal["router", "moe", "all"] = Field(
+        "moe", description="routers + expert scales, every MoE block's parameters, or the whole model")
+    lr: float = Field(3e-4, gt=0, description="Adam step relative to each tensor's RMS")
+    holdout_samples: int = Field(2, ge=1, description="calibration samples kept out to measure the KL before/after")
+
+
 class DistillOptions(Options):
-    budget: Budget = Field(description="training budget over all MoE layers: {tokens: N, minutes: M}")
+    budget: Budget | None = Field(None, description="layer-local stage: {tokens: N, minutes: M} over all MoE layers")
+    end_to_end: EndToEnd | None = Field(
+        None, description="then KL to the dense model's logits on the calibration samples (model in memory)")
     train: list[Literal["router", "experts", "scales", "shared", "bias"]] = Field(
         list(PARTS), description="what is trained (absent parts of a block are skipped; bias adds an output bias)")
-    lr: float = Field(1e-4, gt=0, description="Adam learning rate (cosine decay over each layer's steps)")
-    router_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the router")
+    lr: float = Field(1e-3, gt=0, description="Adam step relative to each tensor's RMS (cosine decay per layer)")
+    router_lr: float = Field(1e-2, gt=0, description="the router's relative Adam step")
     batch_tokens: int = Field(512, ge=1, description="tokens per step")
     max_tokens: int = Field(32768, ge=64, description="calibration tokens a layer trains on (cycled)")
     holdout_tokens: int = Field(1024, ge=16, description="calibration tokens kept out to measure before/after")
@@ -62,6 +77,12 @@ class DistillOptions(Options):
     balance: float = Field(0.0, ge=0, description="weight of the Switch load-balancing term (routed blocks)")
     relaxation: Literal["straight_through", "none"] = Field(
         "straight_through", description="router gradient for the top-k choice: k·softmax in backward, or none")
+
+    @model_validator(mode="after")
+    def _some_stage(self):
+        if self.budget is None and self.end_to_end is None:
+            raise ValueError("give budget (layer-local stage), end_to_end, or both")
+        return self
 
 
 class Distill(Transform):
@@ -75,6 +96,12 @@ class Distill(Transform):
 
     def min_calibration_tokens(self, source: SourceInfo) -> int:
         return self.options.holdout_tokens + self.options.batch_tokens
+
+    def finalize(self, out_dir, source, calibration, dtype: str, shard_size: str) -> dict | None:
+        e = self.options.end_to_end
+        if e is None:
+            return None
+        return distill_end_to_end(out_dir, source, calibration.tokens, e, self.seed, dtype, shard_size)
 
     def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
         if previous is None:
@@ -98,8 +125,8 @@ class Distill(Transform):
     def apply(self, layer: int, current: DenseMLP | MoeLayer, data: LayerData | None = None):
         if data is None:
             raise BadInput("distill needs calibration data: pass --calib FILE or set calibration.dataset.")
-        if isinstance(current, DenseMLP):
-            return current  # a layer the previous transform left dense
+        if isinstance(current, DenseMLP) or self.options.budget is None:
+            return current  # a layer the previous transform left dense, or no layer-local stage
         o = self.options
         gen = self.layer_generator(layer)
         order = torch.randperm(data.inputs.shape[0], generator=gen)
@@ -114,8 +141,9 @@ class Distill(Transform):
         with torch.no_grad():
             before = _loss(block.forward(holdout)[0], holdout_y, o.cosine).item()
         start, done, losses = time.perf_counter(), 0, []
-        groups = [{"params": block.router_params, "lr": o.router_lr}, {"params": block.other_params, "lr": o.lr}]
-        groups = [g for g in groups if g["params"]]
+        # Adam steps relative to each tensor's scale: a router scaled to a small temperature has tiny weights
+        groups = [{"params": [t], "lr": lr * _rms(t)} for ts, lr in ((block.router_params, o.router_lr),
+                                                                     (block.other_params, o.lr)) for t in ts]
         optimizer = torch.optim.Adam(groups)
         base_lrs = [g["lr"] for g in groups]
         while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
@@ -133,7 +161,7 @@ class Distill(Transform):
         elapsed = time.perf_counter() - start
         with torch.no_grad():
             after = _loss(block.forward(holdout)[0], holdout_y, o.cosine).item()
-        kept = after < before - max(1e-3 * before, 1e-7)  # a real gain, not rounding noise on an exact block
+        kept = improved(before, after)
         result = block.export() if kept else current
         self._spent_tokens += done * o.batch_tokens
         self._spent_seconds += elapsed
@@ -152,6 +180,11 @@ class Distill(Transform):
         tokens = None if b.tokens is None else max(self.options.batch_tokens, (b.tokens - self._spent_tokens) // left)
         seconds = None if b.minutes is None else max(0.0, (60 * b.minutes - self._spent_seconds) / left)
         return tokens, seconds
+
+
+def _rms(t: torch.Tensor) -> float:
+    rms = float(t.detach().pow(2).mean().sqrt())
+    return rms if rms > 0 else 1.0  # a zero-initialised tensor (a new bias): absolute steps
 
 
 def _loss(y: torch.Tensor, target: torch.Tensor, cosine: float) -> torch.Tensor:

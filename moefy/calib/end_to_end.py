@@ -1,0 +1,129 @@
+"""End-to-end distillation: the written MoE model learns the dense source's next-token distributions.
+
+Unlike the layer-by-layer stages this holds both models in memory (teacher in inference mode,
+student with gradient checkpointing), so it is for models that fit. Loss: KL(teacher ‖ student) per
+token on the calibration samples (the first `holdout_samples` are kept out to measure it before and
+after). MoE blocks train on their differentiable every-expert-masked path; the routing they compute
+is the one they run. The trained weights replace the written ones only if the held-out KL improved;
+they are saved with transformers' own `save_pretrained` (the checkpoint layout every loader reads),
+in the output dtype, and only the weight files are taken from it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moefy.errors import BadInput
+from moefy.io.checkpoint import WEIGHT_INDEXES
+from moefy.progress import log, progress
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def improved(before: float, after: float) -> bool:
+    """A real gain on held-out data, not rounding noise on an already-exact model."""
+    return after < before - max(1e-3 * before, 1e-7)
+
+
+def _kl(student, teacher, ids: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ student) of a batch of sequences [B, L]."""
+    with torch.no_grad():
+        target = teacher(input_ids=ids).logits.float().log_softmax(-1)
+    logits = student(input_ids=ids).logits.float().log_softmax(-1)
+    return F.kl_div(logits.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def _trainable(model, what: str) -> list[torch.Tensor]:
+    from moefy.loading import moe_blocks
+
+    if what == "all":
+        names = {n for n, _ in model.named_parameters()}
+    else:
+        names = {f"{block}.{n}" for block, module in moe_blocks(model) for n, _ in module.named_parameters()}
+        if what == "router":
+            names = {n for n in names if ".router" in n or ".gate.weight" in n or n.endswith("expert_scales")
+                     or "shared_expert_gate" in n}
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+        if name in names:
+            params.append(param)
+    return params
+
+
+def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, seed: int, dtype: str,
+                       shard_size: str) -> dict:
+    from moefy.loading import load_model
+
+    held, train = tokens[: options.holdout_samples], tokens[options.holdout_samples:]
+    if train.shape[0] == 0:
+        raise BadInput(f"distill.end_to_end keeps {options.holdout_samples} calibration samples out and has none "
+                       f"left to train on: raise calibration.samples.")
+    teacher, student = load_model(source), load_model(out_dir)
+    params = _trainable(student, options.train)
+    if not params:
+        raise BadInput(f"distill.end_to_end.train={options.train!r} finds no parameters in {out_dir.name}.")
+    with torch.no_grad():
+        before = float(_kl(student, teacher, held))
+    if student._can_set_experts_implementation():
+        student.set_experts_implementation("eager")  # transformers' own loop: differentiable
+    student.train()
+    student.gradient_checkpointing_enable()
+    optimizer = torch.optim.Adam([{"params": [p], "lr": options.lr * _rms(p)} for p in params])
+    base = [group["lr"] for group in optimizer.param_groups]
+    budget, seq_len = options.budget, train.shape[1]
+    steps = None if budget.tokens is None else max(1, budget.tokens // seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(train.shape[0], generator=gen)
+    start, done, losses = time.perf_counter(), 0, []
+    total = steps or max(1, int(60 * budget.minutes))  # progress ticks: steps, or seconds
+    with progress("distill end to end", total) as advance:
+        while (steps is None or done < steps) and \
+                (budget.minutes is None or time.perf_counter() - start < 60 * budget.minutes):
+            if steps is not None:
+                for group, lr in zip(optimizer.param_groups, base):
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done / steps))
+            tick = time.perf_counter()
+            loss = _kl(student, teacher, train[order[done % len(order)]][None])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            done += 1
+            advance(1 if steps is not None else max(0, round(time.perf_counter() - tick)))
+    seconds = time.perf_counter() - start
+    student.eval()
+    with torch.no_grad():
+        after = float(_kl(student, teacher, held))
+    kept = improved(before, after)
+    log(f"distill end to end: held-out KL {before:.4f} → {after:.4f}{'' if kept else ' (kept the original)'} in "
+        f"{done} steps ({done * seq_len:,} tokens), {seconds:.0f}s")
+    if kept:
+        _save_weights(student, Path(out_dir), DTYPES[dtype], shard_size)
+    return {"holdout_kl_before": round(before, 6), "holdout_kl_after": round(after, 6), "kept": kept,
+            "train": options.train, "steps": done, "tokens": done * seq_len, "seconds": round(seconds, 2),
+            "train_kl_first_last": [round(losses[0], 6), round(losses[-1], 6)] if losses else None}
+
+
+def _rms(t: torch.Tensor) -> float:
+    rms = float(t.detach().float().pow(2).mean().sqrt())
+    return rms if rms > 0 else 1.0
+
+
+def _save_weights(model, out_dir: Path, dtype: torch.dtype, shard_size: str) -> None:
+    """Replace the weight files of `out_dir` with the model's (config and everything else stay)."""
+    model.to(dtype)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".moefy-e2e-") as scratch:
+        model.save_pretrained(scratch, max_shard_size=shard_size)
+        for old in list(out_dir.glob("*.safetensors")) + [out_dir / n for n in WEIGHT_INDEXES]:
+            old.unlink(missing_ok=True)
+        for new in Path(scratch).iterdir():
+            if new.suffix == ".safetensors" or new.name in WEIGHT_INDEXES:
+                shutil.move(str(new), out_dir / new.name)
