@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 CALIB ?= ../shared/data/wikitext-2/valid.txt
-RECIPE ?= mlpmoe
+RECIPE ?= carve-50-distill
 WINDOWS ?= 40
 OUT ?= out/demo-$(RECIPE)
 

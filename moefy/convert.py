@@ -124,6 +124,9 @@ def _calibration(ckpt: Checkpoint, info: SourceInfo, transforms, recipe: Recipe,
             raise BadInput(f"{transform.name} needs at least {need:,} calibration tokens here, the recipe gives "
                            f"{c.samples * c.seq_len:,} (calibration.samples {c.samples} × seq_len {c.seq_len}). "
                            f"Raise calibration.samples.")
+        if c.samples < transform.min_calibration_samples():
+            raise BadInput(f"{transform.name} needs at least {transform.min_calibration_samples()} calibration "
+                           f"samples, the recipe gives {c.samples}. Raise calibration.samples.")
     if dry_run:
         return None
     if device == "auto":

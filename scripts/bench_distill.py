@@ -35,11 +35,15 @@ ROWS = {  # name → (recipe, --set overrides of that row)
 
 
 def distill_totals(record: dict) -> dict:
+    """What each distill stage ran (from moefy.json): layer-local time, tokens and layers kept; end-to-end
+    steps, tokens, time and held-out KL."""
     layers = [s["distill"] for s in record["layers"].values() if "distill" in s]
-    return {"distill_minutes": round(sum(d["seconds"] for d in layers) / 60, 2),
-            "distill_tokens": sum(d["tokens"] for d in layers),
-            "holdout_loss_before": round(sum(d["holdout_loss_before"] for d in layers) / max(1, len(layers)), 4),
-            "holdout_loss_after": round(sum(d["holdout_loss_after"] for d in layers) / max(1, len(layers)), 4)}
+    e2e = (record.get("finalize") or {}).get("distill") or {}
+    return {"local_minutes": round(sum(d["seconds"] for d in layers) / 60, 2),
+            "local_tokens": sum(d["tokens"] for d in layers),
+            "local_layers_kept": f"{sum(d['kept'] for d in layers)}/{len(layers)}",
+            "e2e_minutes": round(e2e.get("seconds", 0) / 60, 2), "e2e_steps": e2e.get("steps", 0),
+            "e2e_tokens": e2e.get("tokens", 0), "e2e_kl": [e2e.get("holdout_kl_before"), e2e.get("holdout_kl_after")]}
 
 
 def main() -> None:

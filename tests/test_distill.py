@@ -123,3 +123,9 @@ def test_end_to_end_is_deterministic_and_leaves_an_exact_model_alone(tiny, tmp_p
                                   E2E), tmp_path / "exact", text_file)
     assert not exact["finalize"]["distill"]["kept"]
     assert_matches_dense(tmp_path / "exact", src)
+
+
+def test_end_to_end_needs_samples_to_train_on(tiny, tmp_path, text_file):
+    recipe = _recipe(tmp_path, "{experts: 4, top_k: 2}", "{end_to_end: {budget: {tokens: 64}, holdout_samples: 24}}")
+    code, _, stderr = run_cli("convert", tiny("llama"), "-r", recipe, "-o", tmp_path / "out", "--calib", text_file)
+    assert code == 2 and "at least 25 calibration samples" in stderr

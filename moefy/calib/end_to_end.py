@@ -62,10 +62,7 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
                        shard_size: str) -> dict:
     from moefy.loading import load_model
 
-    held, train = tokens[: options.holdout_samples], tokens[options.holdout_samples:]
-    if train.shape[0] == 0:
-        raise BadInput(f"distill.end_to_end keeps {options.holdout_samples} calibration samples out and has none "
-                       f"left to train on: raise calibration.samples.")
+    held, train = tokens[: options.holdout_samples], tokens[options.holdout_samples:]  # convert checked: train ≥ 1
     teacher, student = load_model(source), load_model(out_dir)
     params = _trainable(student, options.train)
     if not params:
@@ -75,8 +72,9 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
     if student._can_set_experts_implementation():
         student.set_experts_implementation("eager")  # transformers' own loop: differentiable
     student.train()
-    student.gradient_checkpointing_enable()
-    optimizer = torch.optim.Adam([{"params": [p], "lr": options.lr * _rms(p)} for p in params])
+    student.activation_checkpointing_enable() if hasattr(student, "activation_checkpointing_enable") \
+        else student.gradient_checkpointing_enable()
+    optimizer = torch.optim.Adam([{"params": [p], "lr": options.lr * rms(p)} for p in params])
     base = [group["lr"] for group in optimizer.param_groups]
     budget, seq_len = options.budget, train.shape[1]
     steps = None if budget.tokens is None else max(1, budget.tokens // seq_len)
@@ -95,7 +93,7 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             done += 1
             advance(1 if steps is not None else max(0, round(time.perf_counter() - tick)))
     seconds = time.perf_counter() - start
@@ -112,9 +110,10 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
             "train_kl_first_last": [round(losses[0], 6), round(losses[-1], 6)] if losses else None}
 
 
-def _rms(t: torch.Tensor) -> float:
-    rms = float(t.detach().float().pow(2).mean().sqrt())
-    return rms if rms > 0 else 1.0
+def rms(t: torch.Tensor) -> float:
+    """The scale Adam steps are relative to; 1 for an all-zero tensor (a new bias: absolute steps)."""
+    value = float(t.detach().float().pow(2).mean().sqrt())
+    return value if value > 0 else 1.0
 
 
 def _save_weights(model, out_dir: Path, dtype: torch.dtype, shard_size: str) -> None:

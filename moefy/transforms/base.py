@@ -107,6 +107,10 @@ class Transform:
         """Fewest calibration tokens this transform can work with (checked before any work)."""
         return 1 if self.needs_calibration else 0
 
+    def min_calibration_samples(self) -> int:
+        """Fewest calibration samples (sequences) this transform can work with."""
+        return 0
+
     def preview_request(self) -> Preview | None:
         """Ask for a dense preview pass (model-wide decisions, e.g. budgets, prompt hidden states)."""
         return None

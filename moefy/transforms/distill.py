@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moefy.calib.end_to_end import distill_end_to_end, improved
+from moefy.calib.end_to_end import distill_end_to_end, improved, rms
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, activations
 from moefy.progress import log
@@ -88,7 +88,7 @@ class DistillOptions(Options):
 class Distill(Transform):
     name = "distill"
     Options = DistillOptions
-    summary = "layer-local distillation: train router, experts and scales to reproduce the dense MLP"
+    summary = "recover an MoE against its dense source: layer-local training, then optional end-to-end KL"
 
     @property
     def needs_calibration(self) -> bool:
@@ -96,6 +96,10 @@ class Distill(Transform):
 
     def min_calibration_tokens(self, source: SourceInfo) -> int:
         return self.options.holdout_tokens + self.options.batch_tokens
+
+    def min_calibration_samples(self) -> int:
+        e = self.options.end_to_end
+        return 0 if e is None else e.holdout_samples + 1  # held-out samples + at least one to train on
 
     def finalize(self, out_dir, source, calibration, dtype: str, shard_size: str) -> dict | None:
         e = self.options.end_to_end
@@ -142,7 +146,7 @@ class Distill(Transform):
             before = _loss(block.forward(holdout)[0], holdout_y, o.cosine).item()
         start, done, losses = time.perf_counter(), 0, []
         # Adam steps relative to each tensor's scale: a router scaled to a small temperature has tiny weights
-        groups = [{"params": [t], "lr": lr * _rms(t)} for ts, lr in ((block.router_params, o.router_lr),
+        groups = [{"params": [t], "lr": lr * rms(t)} for ts, lr in ((block.router_params, o.router_lr),
                                                                      (block.other_params, o.lr)) for t in ts]
         optimizer = torch.optim.Adam(groups)
         base_lrs = [g["lr"] for g in groups]
@@ -180,11 +184,6 @@ class Distill(Transform):
         tokens = None if b.tokens is None else max(self.options.batch_tokens, (b.tokens - self._spent_tokens) // left)
         seconds = None if b.minutes is None else max(0.0, (60 * b.minutes - self._spent_seconds) / left)
         return tokens, seconds
-
-
-def _rms(t: torch.Tensor) -> float:
-    rms = float(t.detach().pow(2).mean().sqrt())
-    return rms if rms > 0 else 1.0  # a zero-initialised tensor (a new bias): absolute steps
 
 
 def _loss(y: torch.Tensor, target: torch.Tensor, cosine: float) -> torch.Tensor:
