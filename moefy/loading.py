@@ -9,7 +9,7 @@ import torch
 from moefy.arch.base import ACTIVATION_NAMES
 from moefy.errors import BadInput
 from moefy.io.checkpoint import open_source
-from moefy.moe.modeling_moefy import MoefyConfig, MoefyForCausalLM
+from moefy.moe.modeling_moefy import MoeBlock, MoefyConfig, MoefyForCausalLM
 from moefy_kernels import BACKENDS, resolve_backend
 
 _registered = False
@@ -20,7 +20,7 @@ STANDARD_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeS
 def moe_blocks(model) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every MoE block of a loaded model: native MoeBlocks and standard transformers blocks."""
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, MoefyForCausalLM.block_class) or type(module).__name__ in STANDARD_BLOCKS]
+            if isinstance(module, MoeBlock) or type(module).__name__ in STANDARD_BLOCKS]
 
 
 def _register_with_transformers() -> None:

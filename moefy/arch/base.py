@@ -102,8 +102,8 @@ class ArchAdapter:
         return {name: fields[role] for role, name in self.mlp_weight_names(layer, config).items()}
 
     def activation(self, config: dict) -> str:
-        act = dict(self.activation_aliases).get(config.get(self.activation_key, "silu"),
-                                                config.get(self.activation_key, "silu"))
+        act = config.get(self.activation_key, "silu")
+        act = dict(self.activation_aliases).get(act, act)
         if act not in ACTIVATION_NAMES:
             raise ValueError(f"activation {act!r} of {self.model_type} is not supported")
         return ACTIVATION_NAMES[act]

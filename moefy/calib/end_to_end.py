@@ -24,7 +24,28 @@ from moefy.errors import BadInput
 from moefy.io.checkpoint import WEIGHT_INDEXES
 from moefy.progress import log, progress
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def train_adam(groups: list[tuple[list[torch.Tensor], float]], loss_fn, steps: int | None, seconds: float | None,
+               on_step=None) -> tuple[int, list[float], float]:
+    """Adam on `groups` of (tensors, step relative to each tensor's RMS), cosine-decayed over `steps` when
+    known, until `steps` are done or `seconds` have passed; loss_fn(step) gives each step's loss.
+    Returns (steps done, their losses, seconds)."""
+    optimizer = torch.optim.Adam([{"params": [t], "lr": lr * _rms(t)} for ts, lr in groups for t in ts])
+    base = [group["lr"] for group in optimizer.param_groups]
+    start, done, losses = time.perf_counter(), 0, []
+    while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
+        if steps is not None:
+            for group, lr in zip(optimizer.param_groups, base):
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done / steps))
+        tick = time.perf_counter()
+        loss = loss_fn(done)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        done += 1
+        if on_step is not None:
+            on_step(time.perf_counter() - tick)
+    return done, losses, time.perf_counter() - start
 
 
 def improved(before: float, after: float) -> bool:
@@ -74,29 +95,15 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
     student.train()
     student.activation_checkpointing_enable() if hasattr(student, "activation_checkpointing_enable") \
         else student.gradient_checkpointing_enable()
-    optimizer = torch.optim.Adam([{"params": [p], "lr": options.lr * rms(p)} for p in params])
-    base = [group["lr"] for group in optimizer.param_groups]
     budget, seq_len = options.budget, train.shape[1]
     steps = None if budget.tokens is None else max(1, budget.tokens // seq_len)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(train.shape[0], generator=gen)
-    start, done, losses = time.perf_counter(), 0, []
+    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
     total = steps or max(1, int(60 * budget.minutes))  # progress ticks: steps, or seconds
     with progress("distill end to end", total) as advance:
-        while (steps is None or done < steps) and \
-                (budget.minutes is None or time.perf_counter() - start < 60 * budget.minutes):
-            if steps is not None:
-                for group, lr in zip(optimizer.param_groups, base):
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done / steps))
-            tick = time.perf_counter()
-            loss = _kl(student, teacher, train[order[done % len(order)]][None])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            done += 1
-            advance(1 if steps is not None else max(0, round(time.perf_counter() - tick)))
-    seconds = time.perf_counter() - start
+        done, losses, seconds = train_adam(
+            [(params, options.lr)], lambda step: _kl(student, teacher, train[order[step % len(order)]][None]),
+            steps, None if budget.minutes is None else 60 * budget.minutes,
+            on_step=lambda took: advance(1 if steps is not None else max(0, round(took))))
     student.eval()
     with torch.no_grad():
         after = float(_kl(student, teacher, held))
@@ -104,13 +111,13 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
     log(f"distill end to end: held-out KL {before:.4f} → {after:.4f}{'' if kept else ' (kept the original)'} in "
         f"{done} steps ({done * seq_len:,} tokens), {seconds:.0f}s")
     if kept:
-        _save_weights(student, Path(out_dir), DTYPES[dtype], shard_size)
+        _save_weights(student, Path(out_dir), getattr(torch, dtype), shard_size)
     return {"holdout_kl_before": round(before, 6), "holdout_kl_after": round(after, 6), "kept": kept,
             "train": options.train, "steps": done, "tokens": done * seq_len, "seconds": round(seconds, 2),
             "train_kl_first_last": [round(losses[0], 6), round(losses[-1], 6)] if losses else None}
 
 
-def rms(t: torch.Tensor) -> float:
+def _rms(t: torch.Tensor) -> float:
     """The scale Adam steps are relative to; 1 for an all-zero tensor (a new bias: absolute steps)."""
     value = float(t.detach().float().pow(2).mean().sqrt())
     return value if value > 0 else 1.0

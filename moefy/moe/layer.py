@@ -141,17 +141,24 @@ class MoeLayer:
         """Per-token weight of every expert [T, E] fp32 (zero where not selected), scales included."""
         if self.scoring == "none":
             return self.scales.float().expand(x.shape[0], -1)
-        weights, experts = route(self.logits(x), self.top_k, scoring=self.scoring, combine=self.combine)
-        return torch.zeros(x.shape[0], self.num_experts).scatter(1, experts, weights) * self.scales.float()
+        return self.combine_weights(self.logits(x))[0]
 
-    def neuron_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """`route` expanded to every intermediate neuron of the routed experts, [T, I]."""
-        return torch.repeat_interleave(self.route(x), torch.tensor(self.widths), dim=1)
+    def combine_weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight of every expert [T, E], scales included, zero where not selected; selected ids [T, k]) of
+        router logits."""
+        weights, experts = route(logits, self.top_k, scoring=self.scoring, combine=self.combine)
+        return torch.zeros_like(logits).scatter(1, experts, weights) * self.scales.float(), experts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's function on [T, H] in fp32, computed densely and masked (calibration, tests)."""
+    def neuron_weights(self, x: torch.Tensor, expert_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """`route` (or the given per-expert weights [T, E]) expanded to every intermediate neuron, [T, I]."""
+        weights = self.route(x) if expert_weights is None else expert_weights
+        return torch.repeat_interleave(weights, torch.tensor(self.widths), dim=1)
+
+    def forward(self, x: torch.Tensor, expert_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's function on [T, H] in fp32, computed densely and masked (calibration, tests);
+        `expert_weights` [T, E] replaces the routing (distillation's straight-through weights)."""
         x = x.float()
-        y = activations(self.mlp, x) * self.neuron_weights(x) @ self.mlp.down.float().T
+        y = activations(self.mlp, x) * self.neuron_weights(x, expert_weights) @ self.mlp.down.float().T
         if self.shared is not None:
             y = y + self.shared.forward(x)
         if self.bias is not None:

@@ -221,7 +221,6 @@ class MoefyForCausalLM(PreTrainedModel, GenerationMixin):
     """The source architecture's causal LM, built from the stored base config, with MoE MLPs."""
 
     config_class = MoefyConfig
-    block_class = MoeBlock
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True

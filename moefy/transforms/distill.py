@@ -24,17 +24,15 @@ layer whose held-out loss does not improve keeps its weights (no drift on an alr
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moefy.calib.end_to_end import distill_end_to_end, improved, rms
+from moefy.calib.end_to_end import distill_end_to_end, improved, train_adam
 from moefy.errors import BadInput
-from moefy.moe.layer import DenseMLP, MoeLayer, activations
+from moefy.moe.layer import DenseMLP, MoeLayer
 from moefy.progress import log
 from moefy.transforms.base import LayerData, LayerPlan, Options, SourceInfo, Transform
 
@@ -144,25 +142,15 @@ class Distill(Transform):
         block = _Trainable(current, o.train, o.relaxation)
         with torch.no_grad():
             before = _loss(block.forward(holdout)[0], holdout_y, o.cosine).item()
-        start, done, losses = time.perf_counter(), 0, []
-        # Adam steps relative to each tensor's scale: a router scaled to a small temperature has tiny weights
-        groups = [{"params": [t], "lr": lr * rms(t)} for ts, lr in ((block.router_params, o.router_lr),
-                                                                     (block.other_params, o.lr)) for t in ts]
-        optimizer = torch.optim.Adam(groups)
-        base_lrs = [g["lr"] for g in groups]
-        while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
-            if steps is not None:  # cosine decay over the planned steps
-                for group, lr in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done / steps))
+
+        def step_loss(step: int) -> torch.Tensor:
             rows = torch.randint(0, train_x.shape[0], (o.batch_tokens,), generator=gen)
             y, balance = block.forward(train_x[rows])
-            loss = _loss(y, train_y[rows], o.cosine) + o.balance * balance
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            done += 1
-        elapsed = time.perf_counter() - start
+            return _loss(y, train_y[rows], o.cosine) + o.balance * balance
+
+        # Adam steps relative to each tensor's scale: a router scaled to a small temperature has tiny weights
+        done, losses, elapsed = train_adam([(block.router_params, o.router_lr), (block.other_params, o.lr)],
+                                           step_loss, steps, seconds)
         with torch.no_grad():
             after = _loss(block.forward(holdout)[0], holdout_y, o.cosine).item()
         kept = improved(before, after)
@@ -195,84 +183,67 @@ def _loss(y: torch.Tensor, target: torch.Tensor, cosine: float) -> torch.Tensor:
 
 
 class _Trainable:
-    """One MoeLayer as leaf tensors: those named in `train` require grad, the rest are constants."""
+    """One MoeLayer whose tensors are fp32 leaves: those of the parts named in `train` require grad."""
 
     def __init__(self, moe: MoeLayer, train: list[str], relaxation: str):
-        self.moe, self.relaxation = moe, relaxation
+        self.relaxation = relaxation
+        if "bias" in train and moe.bias is None:  # a new output bias, starting at zero
+            moe = dataclasses.replace(moe, bias=torch.zeros(moe.mlp.down.shape[0]))
+        self.params: dict[str, list[torch.Tensor]] = {part: [] for part in (*PARTS, "bias")}
 
-        def leaf(t, part):
-            return None if t is None else t.detach().float().clone().requires_grad_(part in train)
+        def leaf(t: torch.Tensor, part: str) -> torch.Tensor:
+            t = t.detach().float().clone().requires_grad_(part in train)
+            if part in train:
+                self.params[part].append(t)
+            return t
 
-        m = moe.mlp
-        self.mlp = {k: leaf(getattr(m, k), "experts") for k in ("gate", "up", "down", "gate_bias", "up_bias")}
-        self.shared = None if moe.shared is None else {
-            k: leaf(getattr(moe.shared, k), "shared") for k in ("gate", "up", "down", "gate_bias", "up_bias")}
-        self.scales = leaf(moe.scales, "scales")
-        self.router = leaf(moe.router, "router")
-        self.router_mlp = None if moe.router_mlp is None else tuple(leaf(t, "router") for t in moe.router_mlp)
-        bias = moe.bias if moe.bias is not None or "bias" not in train else torch.zeros(m.down.shape[0])
-        self.bias = leaf(bias, "bias")
-        self.widths = torch.tensor(moe.widths)
+        self.layer = _map_tensors(moe, leaf)
 
     @property
     def router_params(self) -> list[torch.Tensor]:
-        tensors = [self.router, *(self.router_mlp or ())]
-        return [t for t in tensors if t is not None and t.requires_grad]
+        return self.params["router"]
 
     @property
     def other_params(self) -> list[torch.Tensor]:
-        tensors = [*self.mlp.values(), *(self.shared or {}).values(), self.scales, self.bias]
-        return [t for t in tensors if t is not None and t.requires_grad]
-
-    def _dense(self, fields: dict) -> DenseMLP:
-        return DenseMLP(fields["gate"], fields["up"], fields["down"], self.moe.mlp.activation, fields["gate_bias"],
-                        fields["up_bias"])
+        return [t for part, ts in self.params.items() if part != "router" for t in ts]
 
     def _weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert weights [T, E] as the block routes (hard top-k), with the straight-through gradient;
-        and the Switch balance term."""
-        moe = self.moe
-        if moe.scoring == "none":
-            return self.scales.expand(x.shape[0], -1), x.new_zeros(())
-        logits = x @ self.router.T
-        if self.router_mlp is not None:
-            logits = logits + F.silu(x @ self.router_mlp[0].T) @ self.router_mlp[1].T
-        probs = logits.softmax(-1) if moe.scoring == "softmax" else logits.sigmoid()
-        top = probs.topk(moe.top_k, dim=-1)
-        chosen = torch.zeros_like(probs).scatter(1, top.indices, 1.0)
-        if moe.combine == "unit":
-            weights = chosen
-        elif moe.combine == "prob":
-            weights = chosen * probs
-        else:
-            weights = chosen * probs / (chosen * probs).sum(-1, keepdim=True)
+        """Per-expert weights [T, E] as the block routes (hard top-k, its combine rule, scales), with the
+        straight-through gradient; and the Switch balance term."""
+        layer = self.layer
+        if layer.scoring == "none":
+            return layer.route(x), x.new_zeros(())
+        logits = layer.logits(x)
+        weights, experts = layer.combine_weights(logits)
+        probs = logits.softmax(-1) if layer.scoring == "softmax" else logits.sigmoid()
         if self.relaxation == "straight_through":
-            soft = moe.top_k * (probs / probs.sum(-1, keepdim=True))
-            weights = weights + (soft - soft.detach())
-        balance = moe.num_experts * (chosen.mean(0) / moe.top_k * probs.mean(0)).sum()
-        return weights * self.scales, balance
+            soft = layer.top_k * (probs / probs.sum(-1, keepdim=True))
+            weights = weights + (soft - soft.detach()) * layer.scales
+        chosen = torch.zeros_like(probs).scatter(1, experts, 1.0)
+        balance = layer.num_experts * (chosen.mean(0) / layer.top_k * probs.mean(0)).sum()
+        return weights, balance
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(block output [T, H], balance term)."""
         weights, balance = self._weights(x)
-        mlp = self._dense(self.mlp)
-        y = (activations(mlp, x) * torch.repeat_interleave(weights, self.widths, dim=1)) @ mlp.down.T
-        if self.shared is not None:
-            shared = self._dense(self.shared)
-            y = y + activations(shared, x) @ shared.down.T
-        if self.bias is not None:
-            y = y + self.bias
-        return y, balance
+        return self.layer.forward(x, weights), balance
 
     def export(self) -> MoeLayer:
         """The trained block as an MoeLayer (detached fp32 tensors)."""
-        def plain(t):
-            return None if t is None else t.detach().clone()
+        return _map_tensors(self.layer, lambda t, part: t.detach().clone())
 
-        moe = self.moe
-        return dataclasses.replace(
-            moe, mlp=self._dense({k: plain(v) for k, v in self.mlp.items()}),
-            shared=None if self.shared is None else self._dense({k: plain(v) for k, v in self.shared.items()}),
-            scales=plain(self.scales), router=plain(self.router),
-            router_mlp=None if self.router_mlp is None else tuple(plain(t) for t in self.router_mlp),
-            bias=plain(self.bias), stats=dict(moe.stats))
+
+def _map_tensors(moe: MoeLayer, fn) -> MoeLayer:
+    """A copy of `moe` with fn(tensor, part) applied to each tensor; part is one of router, experts,
+    scales, shared, bias."""
+    def mlp(m: DenseMLP | None, part: str) -> DenseMLP | None:
+        if m is None:
+            return None
+        names = ("gate", "up", "down", "gate_bias", "up_bias")
+        return dataclasses.replace(m, **{k: fn(getattr(m, k), part) for k in names if getattr(m, k) is not None})
+
+    return dataclasses.replace(
+        moe, mlp=mlp(moe.mlp, "experts"), shared=mlp(moe.shared, "shared"), scales=fn(moe.scales, "scales"),
+        router=None if moe.router is None else fn(moe.router, "router"),
+        router_mlp=None if moe.router_mlp is None else tuple(fn(t, "router") for t in moe.router_mlp),
+        bias=None if moe.bias is None else fn(moe.bias, "bias"), stats=dict(moe.stats))
