@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import traceback
@@ -49,6 +50,22 @@ def _handled(fn):
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/bold red]: no partial output was left behind.")
             raise typer.Exit(130) from None
+        except OSError as exc:  # the file system refused: full, read-only, gone
+            if _state["debug"]:
+                traceback.print_exc()
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            where = f" ({exc.filename})" if exc.filename else ""
+            err.print(f"[bold red]error:[/bold red] {'no space left on the device' if full else exc.strerror or exc}"
+                      f"{where}. Nothing partial was left behind; "
+                      f"{'free space or write OUT elsewhere' if full else 'check the path and its permissions'}.",
+                      highlight=False)
+            raise typer.Exit(1 if full else 2) from None
+        except Exception as exc:  # noqa: BLE001 - a bug, or a library refusing something moefy did not foresee
+            if _state["debug"]:
+                traceback.print_exc()
+            err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc}. Nothing partial was left "
+                      f"behind. Run again with --debug for the traceback and report it.", highlight=False)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -113,7 +130,7 @@ def _print_summary(record: dict) -> None:
         value = s[key]
         table.add_row(key, f"{value:,}" if isinstance(value, int) else
                       f"{value:.4f}" if isinstance(value, float) else str(value))
-    table.add_row("seconds", f"{record['convert_seconds']:.1f}")
+    table.add_row("seconds", f"{record['timing']['convert_seconds']:.1f}")
     out.print(table)
 
 

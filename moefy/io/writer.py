@@ -10,9 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from moefy.errors import BadInput
+from moefy.io.safetensors_file import StreamingShard
 
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -29,36 +29,42 @@ def parse_size(text: str | int) -> int:
 
 
 class ShardedWriter:
-    """Accumulate tensors and spill a shard whenever the next tensor would exceed `max_shard_bytes`.
+    """Stream tensors into size-bounded safetensors shards; a shard closes when the next tensor would
+    push it past `max_shard_bytes` (or overflow its reserved header).
 
-    Memory is bounded by one shard.  Shards get their final `-0000i-of-0000N` names in `close()`.
+    Each tensor goes to disk as it is added, so memory holds no shard.  Shards get their final
+    `-0000i-of-0000N` names in `close()`.
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._header_bytes = min(1 << 20, max(1 << 12, max_shard_bytes // 256 // 8 * 8))
+        self._shard: StreamingShard | None = None
         self._shards: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+        shard = self._shard
+        if shard is not None and shard.entries and (shard.data_bytes + nbytes > self.max_shard_bytes
+                                                    or not shard.fits(name, tensor)):
             self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
+        if self._shard is None:
+            self._shard = StreamingShard(self.directory / f"shard-{len(self._shards):05d}.tmp", self._header_bytes)
+        self._shard.add(name, tensor)
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        path = self.directory / f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path.name, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        if self._shard is None:
+            self._shard = StreamingShard(self.directory / f"shard-{len(self._shards):05d}.tmp", self._header_bytes)
+        self._shard.close()
+        self._shards.append((self._shard.path.name, list(self._shard.entries)))
+        self._shard = None
 
     def close(self) -> list[str]:
         """Write the last shard, name them all, and write the index when there is more than one."""
-        if self._pending or not self._shards:
+        if self._shard is not None or not self._shards:
             self._flush()
         count = len(self._shards)
         if count == 1:
@@ -93,14 +99,24 @@ def check_output_path(out: Path, force: bool, sources: list[Path] = ()) -> None:
         raise BadInput(f"the parent directory of OUT ({parent}) is not writable. Choose a writable location.")
 
 
+TEMP_MARK = ".moefy-tmp-"
+
+
 @contextmanager
 def atomic_output(out: Path):
     """Yield a temp dir beside OUT; rename it to OUT only if the block finishes.
 
-    A failure or interrupt removes the temp dir, so no partial OUT is ever left behind.
+    A failure or interrupt removes the temp dir, so no partial OUT is ever left behind.  A process
+    killed outright (kill -9, out of memory) cannot clean up: its temp dir, named
+    `.OUT.moefy-tmp-PID-…`, is removed by the next conversion to the same OUT once PID is gone.
     """
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moefy-tmp-", dir=out.resolve().parent))
+    parent = out.resolve().parent
+    for stale in parent.glob(f".{out.name}{TEMP_MARK}*"):
+        pid = stale.name.removeprefix(f".{out.name}{TEMP_MARK}").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_MARK}{os.getpid()}-", dir=parent))
     try:
         yield tmp
         if out.exists():
@@ -112,3 +128,13 @@ def atomic_output(out: Path):
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

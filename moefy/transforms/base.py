@@ -131,12 +131,21 @@ class Transform:
 
 def read_mlp(ckpt, info: SourceInfo, layer: int) -> DenseMLP:
     """Layer `layer`'s dense MLP from a checkpoint, in fp32, refusing NaN/Inf weights."""
-    weights = {}
-    for role, name in info.adapter.mlp_weight_names(layer, info.config).items():
-        tensor = ckpt.get(name).float()
-        if not torch.isfinite(tensor).all():
-            raise CheckFailed(f"{name} in {ckpt.path} contains NaN or Inf; moefy will not convert a broken "
-                              f"checkpoint. Repair or re-download it.")
-        weights[role] = tensor
+    names = info.adapter.mlp_weight_names(layer, info.config)
+    return mlp_from_tensors(info, {role: checked(name, ckpt.get(name), ckpt.path) for role, name in names.items()})
+
+
+def mlp_from_tensors(info: SourceInfo, tensors: dict[str, torch.Tensor]) -> DenseMLP:
+    """A dense MLP (fp32) from its weights by role (`mlp_weight_names`)."""
+    weights = {role: tensor.float() for role, tensor in tensors.items()}
     roles = {"gate": None, **info.adapter.mlp_roles(weights)}
     return DenseMLP(**roles, activation=info.adapter.activation(info.config))
+
+
+def checked(name: str, tensor: torch.Tensor, where) -> torch.Tensor:
+    """`tensor`, after making sure it has no NaN/Inf (one cheap sum; the exact test only when that is not finite)."""
+    if tensor.is_floating_point() and tensor.element_size() >= 2 and tensor.numel():  # float8 has no sum
+        if not torch.isfinite(tensor.sum(dtype=torch.float32)) and not torch.isfinite(tensor).all():
+            raise CheckFailed(f"{name} in {where} contains NaN or Inf; moefy will not convert a broken "
+                              f"checkpoint. Repair or re-download it.")
+    return tensor

@@ -1,0 +1,158 @@
+"""The safetensors file format, read and written with plain file I/O (no memory maps).
+
+Reading a tensor is one `readinto` of its byte range, so a process's memory holds the tensors it
+asked for and nothing else (a memory-mapped shard counts every touched page in RSS).  Writing
+streams each tensor to disk as it arrives: the header area is reserved up front and filled in
+when the shard closes (the format allows a header padded with spaces).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from moefy.errors import BadInput
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+DTYPE_BYTES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """Return {name: {"dtype", "shape", "data_offsets"}}; a truncated or corrupt file is BadInput."""
+    return _read_header(Path(path))[0]
+
+
+def _read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """(tensor entries, byte offset where the data section starts)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BadInput(f"{path} is not a safetensors file (only {size} bytes). Re-download or re-save it.")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise BadInput(f"{path} is truncated or corrupt: its header claims {header_len} bytes but the file "
+                           f"has {size}. Re-download or re-save the checkpoint.")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadInput(f"{path} has a corrupt safetensors header ({exc}). Re-download or re-save it.") from None
+    if not isinstance(header, dict):
+        raise BadInput(f"{path} has a corrupt safetensors header (not a JSON object). Re-download or re-save it.")
+    header.pop("__metadata__", None)
+    data_len = size - 8 - header_len
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            expected = DTYPE_BYTES[info["dtype"]] * _numel(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise BadInput(f"{path} has a corrupt entry for tensor {name!r} in its header. Re-download or "
+                           f"re-save the checkpoint.") from None
+        if end > data_len:
+            raise BadInput(f"{path} is truncated: tensor {name!r} ends at byte {end} of the data section but only "
+                           f"{data_len} bytes are present. Re-download or re-save the checkpoint.")
+        if end - start != expected:
+            raise BadInput(f"{path} is corrupt: tensor {name!r} ({info['dtype']} {info['shape']}) should take "
+                           f"{expected} bytes but its header gives {end - start}. Re-download or re-save it.")
+    return header, 8 + header_len
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+class SafetensorsFile:
+    """One safetensors file: its header, tensors read by byte range, and an in-order pass that hashes it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.header, self.data_start = _read_header(self.path)
+        self._file = None
+
+    def read(self, name: str) -> torch.Tensor:
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open across reads, closed by close()
+        self._file.seek(self.data_start + self.header[name]["data_offsets"][0])
+        return self._read_tensor(self._file, self.header[name])
+
+    def stream(self, on_done=None):
+        """Yield (name, tensor) in file order, reading every byte once; `on_done(sha256)` gets the file's digest."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            digest.update(f.read(self.data_start))
+            for name, info in sorted(self.header.items(), key=lambda item: item[1]["data_offsets"]):
+                gap = self.data_start + info["data_offsets"][0] - f.tell()
+                if gap:  # bytes between tensors (allowed, unusual) still belong to the file's digest
+                    digest.update(f.read(gap))
+                tensor = self._read_tensor(f, info)
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+                yield name, tensor
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        if on_done is not None:
+            on_done(digest.hexdigest())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _read_tensor(self, f, info: dict) -> torch.Tensor:
+        start, end = info["data_offsets"]
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        if f.readinto(raw.numpy()) != end - start:
+            raise BadInput(f"{self.path} ended early while reading a tensor. Re-download the checkpoint.")
+        return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+class StreamingShard:
+    """A safetensors file written tensor by tensor: data goes to disk at once, the header last.
+
+    `header_bytes` is reserved at the start; `fits` says when the next entry would overflow it.
+    """
+
+    def __init__(self, path: Path, header_bytes: int = 1 << 20):
+        self.path = Path(path)
+        self.header_bytes = header_bytes
+        self.entries: dict[str, dict] = {}
+        self.data_bytes = 0
+        self._header_used = len('{"__metadata__":{"format":"pt"}}')
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self._file.seek(8 + header_bytes)
+
+    def fits(self, name: str, tensor: torch.Tensor) -> bool:
+        return self._header_used + len(self._entry_json(name, tensor, self.data_bytes)) + 1 <= self.header_bytes
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        self._header_used += len(self._entry_json(name, tensor, self.data_bytes)) + 1
+        self.entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}
+        if nbytes:
+            self._file.write(tensor.reshape(-1).view(torch.uint8).numpy())
+        self.data_bytes += nbytes
+
+    def close(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        self._file.seek(0)
+        self._file.write(struct.pack("<Q", self.header_bytes) + header.ljust(self.header_bytes, b" "))
+        self._file.close()
+
+    def discard(self) -> None:
+        self._file.close()
+
+    def _entry_json(self, name: str, tensor: torch.Tensor, offset: int) -> str:
+        nbytes = tensor.numel() * tensor.element_size()
+        return json.dumps({name: {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                                  "data_offsets": [offset, offset + nbytes]}}, separators=(",", ":"))
