@@ -239,6 +239,42 @@ def validate(
 
 @app.command()
 @_handled
+def batch(
+    manifest: Path = typer.Argument(..., help="YAML: `jobs:` (source, recipe, out, set, calib, eval) + `defaults:`."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Conversions at a time (each its own process; README: "
+                                                      "sizing --jobs)."),
+    resume: bool = typer.Option(False, "--resume", help="Skip jobs whose OUT already holds this conversion."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the summary (one entry per job)."),
+):
+    """Run many conversions (with evaluation and gates) from a manifest; exit 1 if any job failed."""
+    import time
+
+    from moefy.batch import load_manifest, run_batch, summary
+
+    if jobs < 1:
+        raise BadInput(f"--jobs {jobs} must be at least 1.")
+    started = time.perf_counter()
+    planned = load_manifest(manifest, resume)
+    results = run_batch(planned, parallel=jobs, resume=resume)
+    report = summary(manifest, results, time.perf_counter() - started)
+    table = Table(title=f"batch {manifest} · {len(results)} jobs · {report['seconds']:.0f}s")
+    for col in ("job", "status", "Δ ppl %", "gate", "seconds", "reason / out"):
+        table.add_column(col, justify="right" if col in ("Δ ppl %", "seconds") else "left")
+    for r in results:
+        delta = r["eval"]["delta_pct"] if r["eval"] else None
+        gate = r["gate"]
+        table.add_row(r["name"], r["status"], "—" if delta is None else f"{delta:+.4f}",
+                      "—" if gate is None else "pass" if gate["passed"] else "MISSED", f"{r['seconds']:.0f}",
+                      r["reason"] or r["out"])
+    out.print(table)
+    _write_json(json_path, report)
+    if not report["passed"]:
+        raise CheckFailed(f"{report['counts']['failed']} of {len(results)} jobs failed; see the table above and "
+                          f"each job's log.")
+
+
+@app.command()
+@_handled
 def recipes():
     """List built-in recipes, transforms with their options, and export formats."""
     import yaml

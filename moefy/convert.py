@@ -22,6 +22,7 @@ from moefy.errors import BadInput, CheckFailed
 from moefy.export import FORMATS, choose_format
 from moefy.io.checkpoint import Checkpoint, open_source
 from moefy.io.layout import check_layout
+from moefy.io.overlap import prefetch
 from moefy.io.writer import ShardedWriter, atomic_output, check_output_path, parse_size
 from moefy.moe.layer import DenseMLP, MoeLayer
 from moefy.progress import log, progress
@@ -213,12 +214,13 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
             _preview(ckpt, info, calibration, transform, request)
     runner = calibration.runner(ckpt, adapter) if calibration else None
     skip = {adapter.lm_head} if info.config.get("tie_word_embeddings", False) else set()  # a .bin stores a tied
-    writer = ShardedWriter(tmp, shard_bytes)                                               # head twice
+    reads = ckpt.stream() if runner is None else prefetch(_layer_order(ckpt, owner))      # head twice
     roles = {layer: len(adapter.mlp_weight_names(layer, info.config)) for layer in range(num_layers)}
+    as_stored = runner is None and all(t.only_rearranges for t in transforms)
     pending: dict[int, dict[str, torch.Tensor]] = {}
     blocks, stats = {}, {}
-    with progress("convert layers", num_layers) as advance:
-        for name, tensor in (ckpt.stream() if runner is None else _layer_order(ckpt, owner)):
+    with ShardedWriter(tmp, shard_bytes) as writer, progress("convert layers", num_layers) as advance:
+        for name, tensor in reads:
             tensor = checked(name, tensor, ckpt.path)
             if name not in owner:
                 if name not in skip:
@@ -228,8 +230,8 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
             pending.setdefault(layer, {})[role] = tensor
             if len(pending[layer]) < roles[layer]:
                 continue
-            block = _transform_layer(layer, mlp_from_tensors(info, pending.pop(layer)), transforms, runner,
-                                     calibration)
+            dense = mlp_from_tensors(info, pending.pop(layer), upcast=not as_stored)
+            block = _transform_layer(layer, dense, transforms, runner, calibration)
             for out_name, out_tensor in fmt.layer_tensors(layer, block, info).items():
                 writer.add(out_name, out_tensor.to(dtype))
             for out_name, out_tensor in fmt.extra_tensors(layer, info, ckpt.has).items():
@@ -239,8 +241,8 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
                 stats[str(layer)] = {**blocks[layer], "scales": [round(float(s), 6) for s in block.scales],
                                      **block.stats}
             advance()
+        writer.close()
     ckpt.release()
-    writer.close()
     return blocks, stats
 
 
@@ -330,20 +332,30 @@ def check_gates(out: Path, source: str, recipe: Recipe, eval_dataset: str | None
     if gates is None or gates.max_delta_ppl_pct is None:
         return None
     dataset = eval_dataset or gates.dataset
-    record = json.loads((Path(out) / "moefy.json").read_text())
     if dataset is None:
         log("gate max_delta_ppl_pct not checked: no dataset (pass --eval-dataset or set gates.dataset)")
+        record = json.loads((Path(out) / "moefy.json").read_text())
         record["gates"] = {"checked": False, "reason": "no evaluation dataset given"}
         write_record(out, record)
         return None
-    from moefy.evaluate import evaluate  # the model stack loads only when a gate is checked
+    return evaluate_output(out, source, dataset, gates.seq_len, gates.max_windows, gates.max_delta_ppl_pct)
 
-    report = evaluate(str(out), baseline=source, dataset=dataset, seq_len=gates.seq_len,
-                      max_windows=gates.max_windows)
-    passed = report["delta_pct"] <= gates.max_delta_ppl_pct
+
+def evaluate_output(out: Path, source: str, dataset: str, seq_len: int, max_windows: int | None,
+                    max_delta_ppl_pct: float | None) -> dict:
+    """Perplexity of OUT against SOURCE, recorded in OUT's moefy.json (`eval`, and `gates` when a gate is given).
+
+    Returns the eval report, with `gate_passed` (None without a gate)."""
+    from moefy.evaluate import evaluate  # the model stack loads only when something is evaluated
+
+    report = evaluate(str(out), baseline=source, dataset=dataset, seq_len=seq_len, max_windows=max_windows)
+    record = json.loads((Path(out) / "moefy.json").read_text())
     record["eval"] = report
-    record["gates"] = {"checked": True, "max_delta_ppl_pct": gates.max_delta_ppl_pct,
-                       "delta_pct": report["delta_pct"], "passed": passed}
+    passed = None
+    if max_delta_ppl_pct is not None:
+        passed = report["delta_pct"] <= max_delta_ppl_pct
+        record["gates"] = {"checked": True, "max_delta_ppl_pct": max_delta_ppl_pct,
+                           "delta_pct": report["delta_pct"], "passed": passed}
+        log(f"gate Δppl ≤ {max_delta_ppl_pct}%: {report['delta_pct']:+.4f}% → {'pass' if passed else 'MISSED'}")
     write_record(out, record)
-    log(f"gate Δppl ≤ {gates.max_delta_ppl_pct}%: {report['delta_pct']:+.4f}% → {'pass' if passed else 'MISSED'}")
     return {**report, "gate_passed": passed}

@@ -63,11 +63,15 @@ def evaluate(model_spec: str, *, baseline: str | None, dataset: str, seq_len: in
                    "tokens_per_s": result["tokens_per_s"], "params_total": summary["params_total"],
                    "params_active_per_token": summary["params_active_per_token"],
                    "mlp_active_fraction": summary["mlp_active_fraction"], "format": summary["format"],
-                   "baseline_ppl": None, "delta_pct": None, "baseline_tokens_per_s": None})
+                   "baseline_ppl": None, "delta_pct": None, "baseline_tokens_per_s": None, "tokenizers_agree": None})
     if baseline is not None:
         base_ckpt = open_source(baseline)
         base_windows = token_windows(load_tokenizer(base_ckpt), data, seq_len, max_windows)
-        base = perplexity(load_model(base_ckpt), base_windows, batch_size, label="baseline")
+        if not torch.equal(base_windows, windows):  # e.g. transformers picks a family tokenizer class by model_type
+            log(f"the tokenizers of {model_spec} and {baseline} split the text differently; both are scored on "
+                f"{model_spec}'s tokens so the perplexities compare")
+        report["tokenizers_agree"] = torch.equal(base_windows, windows)
+        base = perplexity(load_model(base_ckpt), windows, batch_size, label="baseline")
         report.update({"baseline_ppl": base["ppl"], "baseline_tokens_per_s": base["tokens_per_s"],
                        "delta_pct": 100.0 * (result["ppl"] / base["ppl"] - 1.0)})
     return report

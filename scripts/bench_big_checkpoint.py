@@ -66,45 +66,17 @@ def measure(cmd: list[str]) -> dict:
 
 
 def make(out: Path, layers: int, shard_size: str) -> None:
-    """Random bf16 weights with Llama-3-8B's shapes, written tensor by tensor (never whole in memory)."""
-    import torch
+    """Random bf16 weights with Llama-3-8B's shapes, and the demo's tokenizer (its ids fit Llama-3's vocabulary)."""
+    from bench_convert import make_synthetic
 
     from moefy.io.checkpoint import open_source
-    from moefy.io.writer import ShardedWriter, parse_size
+    from moefy.io.writer import parse_size
 
     s = LLAMA3_8B
-    hidden, inter, heads, kv, head_dim = (s["hidden_size"], s["intermediate_size"], s["num_attention_heads"],
-                                          s["num_key_value_heads"], s["head_dim"])
-    out.mkdir(parents=True)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **s, "num_hidden_layers": layers,
-              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16",
-              "max_position_embeddings": 8192, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
-              "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    demo = open_source("demo")  # a real tokenizer for calibration text (its ids fit Llama-3's vocabulary)
-    for side in demo.side_files:
+    make_synthetic(out, layers, s["hidden_size"], s["intermediate_size"], s["num_attention_heads"],
+                   s["num_key_value_heads"], s["head_dim"], s["vocab_size"], parse_size(shard_size))
+    for side in open_source("demo").side_files:
         shutil.copyfile(side, out / side.name)
-    writer = ShardedWriter(out, parse_size(shard_size))
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
-
-    writer.add("model.embed_tokens.weight", rand(s["vocab_size"], hidden))
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for name, shape in (("self_attn.q_proj", (heads * head_dim, hidden)),
-                            ("self_attn.k_proj", (kv * head_dim, hidden)),
-                            ("self_attn.v_proj", (kv * head_dim, hidden)),
-                            ("self_attn.o_proj", (hidden, heads * head_dim)), ("mlp.gate_proj", (inter, hidden)),
-                            ("mlp.up_proj", (inter, hidden)), ("mlp.down_proj", (hidden, inter))):
-            writer.add(p + name + ".weight", rand(*shape))
-        writer.add(p + "input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
-        writer.add(p + "post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
-        print(f"layer {i + 1}/{layers}", flush=True)
-    writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
-    writer.add("lm_head.weight", rand(s["vocab_size"], hidden))
-    writer.close()
 
 
 def weight_bytes(path: Path) -> int:

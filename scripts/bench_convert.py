@@ -44,39 +44,40 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     return float(seconds), int(rss_kib) / 1024
 
 
-def make_synthetic(path: Path, layers: int, hidden: int = 1024, inter: int = 4096) -> Path:
-    """A random bf16 Llama checkpoint in 500 MB shards, written layer by layer (never whole in memory)."""
+def make_synthetic(path: Path, layers: int, hidden: int = 1024, inter: int = 4096, heads: int = 16, kv: int = 4,
+                   head_dim: int = 64, vocab: int = 32000, shard_bytes: int = 500 * 10**6) -> Path:
+    """A random bf16 Llama checkpoint in size-bounded shards, written tensor by tensor (never whole in memory)."""
     import torch
 
     from moefy.io.writer import ShardedWriter
 
     path.mkdir(parents=True)
-    heads, kv, head_dim, vocab = 16, 4, 64, 32000
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
               "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": vocab, "rms_norm_eps": 1e-5,
               "tie_word_embeddings": False, "dtype": "bfloat16", "max_position_embeddings": 4096,
               "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
     (path / "config.json").write_text(json.dumps(config))
-    writer = ShardedWriter(path, 500 * 10**6)
-    g = torch.Generator().manual_seed(0)
+    with ShardedWriter(path, shard_bytes) as writer:
+        g = torch.Generator().manual_seed(0)
 
-    def rand(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+        def rand(*shape):
+            return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    writer.add("model.embed_tokens.weight", rand(vocab, hidden))
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for name, shape in (("self_attn.q_proj", (heads * head_dim, hidden)), ("self_attn.k_proj", (kv * head_dim,
-                            hidden)), ("self_attn.v_proj", (kv * head_dim, hidden)),
-                            ("self_attn.o_proj", (hidden, heads * head_dim)), ("mlp.gate_proj", (inter, hidden)),
-                            ("mlp.up_proj", (inter, hidden)), ("mlp.down_proj", (hidden, inter))):
-            writer.add(p + name + ".weight", rand(*shape))
-        writer.add(p + "input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
-        writer.add(p + "post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
-    writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
-    writer.add("lm_head.weight", rand(vocab, hidden))
-    writer.close()
+        writer.add("model.embed_tokens.weight", rand(vocab, hidden))
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            for name, shape in (("self_attn.q_proj", (heads * head_dim, hidden)), ("self_attn.k_proj", (kv * head_dim,
+                                hidden)), ("self_attn.v_proj", (kv * head_dim, hidden)),
+                                ("self_attn.o_proj", (hidden, heads * head_dim)), ("mlp.gate_proj", (inter, hidden)),
+                                ("mlp.up_proj", (inter, hidden)), ("mlp.down_proj", (hidden, inter))):
+                writer.add(p + name + ".weight", rand(*shape))
+            writer.add(p + "input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+            writer.add(p + "post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+            print(f"layer {i + 1}/{layers}", flush=True)
+        writer.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+        writer.add("lm_head.weight", rand(vocab, hidden))
+        writer.close()
     return path
 
 

@@ -160,3 +160,76 @@ def test_recipes_lists_builtins_transforms_and_formats():
     assert code == 0
     for needle in ("mlpmoe-fade", "mlpmoe-compensated", "fade.schedule", "prune.compensation", "qwen2_moe"):
         assert needle in stdout
+
+
+# -- issue 6: the rest of the bad-input sweep (convert, eval, inspect, validate; batch in test_batch.py; a
+# format that needs --allow-inexact in test_routed_plugin.py) --------------------------------------------------
+
+@pytest.mark.parametrize("override,needle", [
+    ("transforms.0.slice.experts=eight", "valid integer"),  # wrong type
+    ("transforms.0.slice.experts=-4", "greater than or equal to 1"),  # negative size
+    ("calibration.samples=-1", "greater than or equal to 1"),
+    ("output.shard_size=[1]", "shard_size"),
+])
+def test_wrong_types_and_negative_sizes(tiny, tmp_path, override, needle):
+    _expect_bad(["convert", tiny("llama"), "-r", "mlpmoe", "-o", tmp_path / "out", "--set", override], needle)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["transforms.0.carve.top_k=20"], "top_k"),  # more active experts than routed ones
+    (["transforms.0.carve.shared=40"], "shared"),  # more shared experts than experts
+])
+def test_carve_expert_counts(tiny, tmp_path, text_file, overrides, needle):
+    args = ["convert", tiny("llama"), "-r", "carve-50", "-o", tmp_path / "out", "--calib", text_file,
+            "--set", "transforms.0.carve.experts=32"]  # 16 shared + 16 routed by default
+    for o in overrides:
+        args += ["--set", o]
+    _expect_bad(args, needle)
+
+
+def test_upcycle_top_k_above_experts(tiny, tmp_path):
+    _expect_bad(["convert", tiny("llama"), "-r", "upcycle-8x2", "-o", tmp_path / "out", "--set",
+                 "transforms.0.upcycle.top_k=9"], "top_k")
+
+
+def test_mismatched_shape_in_a_shard(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny("llama")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.1.self_attn.q_proj.weight"] = tensors["model.layers.1.self_attn.q_proj.weight"][:32]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", tmp_path / "out"], "model.layers.1.self_attn.q_proj.weight",
+                "[32, 64]", "[64, 64]")
+
+
+def test_index_that_leaves_a_tensor_out(tiny, tmp_path):
+    src = tiny("llama", shard="40KB")
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    dropped = "model.layers.0.input_layernorm.weight"
+    del index["weight_map"][dropped]
+    index_path.write_text(json.dumps(index))
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", tmp_path / "out"], dropped, "index")
+
+
+def test_corrupted_safetensors_header(tiny, tmp_path):
+    src = tiny("llama")
+    weights = src / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:12] = b"\xff\xfe{["
+    weights.write_bytes(bytes(data))
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", tmp_path / "out"], "corrupt safetensors header")
+
+
+def test_read_only_out_parent(tiny):
+    _expect_bad(["convert", tiny("llama"), "-r", "mlpmoe", "-o", "/proc/moefy-out/model"], "/proc",
+                "cannot be created")
+
+
+def test_inspect_and_validate_bad_paths(tiny, tmp_path):
+    _expect_bad(["inspect", tmp_path / "nope"], "does not exist")
+    _expect_bad(["validate", tmp_path / "nope"], "does not exist")
+    _expect_bad(["validate", tiny("llama")], "dense")  # nothing to validate in a dense model
+    (tmp_path / "empty").mkdir()
+    _expect_bad(["eval", tmp_path / "empty", "--dataset", tmp_path / "t.txt"], "does not exist")

@@ -1,5 +1,6 @@
 """Checkpoint input forms, streaming and atomic output."""
 
+import hashlib
 import os
 
 import pytest
@@ -14,7 +15,10 @@ def test_sharded_safetensors_source(tiny, tmp_path):
     assert (src / "model.safetensors.index.json").is_file()
     out = tmp_path / "out"
     assert run_cli("convert", src, "-r", "mlpmoe", "-o", out)[0] == 0
-    assert len(read_json(out / "moefy.json")["source"]["weights_sha256"]) > 1
+    digests = read_json(out / "moefy.json")["source"]["weights_sha256"]
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) > 1  # hashed while streaming, tensor by tensor: the same as hashing each whole file
+    assert digests == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
     assert_matches_dense(out, src)
 
 
@@ -104,3 +108,22 @@ def test_shipped_recipes_are_valid(recipe):
     from moefy.recipe import load_recipe
 
     assert load_recipe(str(recipe)).build_transforms(seed=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("recipe", ["mlpmoe", "mlpmoe-fade", "upcycle-8x2", "upcycle-fine-32x8"])
+def test_stored_dtype_path_is_byte_identical(tiny, tmp_path, monkeypatch, family, recipe):
+    """Rearranging transforms run on a bf16 checkpoint's own dtype: the same bytes as through fp32."""
+    from safetensors.torch import load_file, save_file
+
+    import moefy.convert
+
+    src = tiny(family, **({"n_inner": 128} if family == "gpt2" else {}))
+    tensors = load_file(src / "model.safetensors")
+    save_file({k: v.bfloat16() for k, v in tensors.items()}, src / "model.safetensors", metadata={"format": "pt"})
+    assert run_cli("convert", src, "-r", recipe, "-o", tmp_path / "stored")[0] == 0
+    upcast = moefy.convert.mlp_from_tensors
+    monkeypatch.setattr(moefy.convert, "mlp_from_tensors", lambda info, t, upcast_=True, **_: upcast(info, t))
+    assert run_cli("convert", src, "-r", recipe, "-o", tmp_path / "fp32")[0] == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "stored" / name).read_bytes() == (tmp_path / "fp32" / name).read_bytes()

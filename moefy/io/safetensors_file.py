@@ -1,7 +1,8 @@
-"""The safetensors file format, read and written with plain file I/O (no memory maps).
+"""The safetensors file format, read tensor by tensor and written as a stream.
 
-Reading a tensor is one `readinto` of its byte range, so a process's memory holds the tensors it
-asked for and nothing else (a memory-mapped shard counts every touched page in RSS).  Writing
+Each tensor read is a private memory map of its own byte range, released with the tensor, so a
+process's memory holds the tensors it still uses and nothing else (a mapping of a whole shard
+counts every page it ever touched in RSS).  Writing
 streams each tensor to disk as it arrives: the header area is reserved up front and filled in
 when the shard closes (the format allows a header padded with spaces).
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -72,62 +75,87 @@ def _numel(shape) -> int:
 
 
 class SafetensorsFile:
-    """One safetensors file: its header, tensors read by byte range, and an in-order pass that hashes it."""
+    """One safetensors file: its header, tensors read by byte range, and an in-order pass that hashes it.
+
+    Reads use `pread` (no shared file position), so threads may read the same file at once."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.header, self.data_start = _read_header(self.path)
-        self._file = None
+        self._fd: int | None = None
 
     def read(self, name: str) -> torch.Tensor:
-        if self._file is None:
-            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open across reads, closed by close()
-        self._file.seek(self.data_start + self.header[name]["data_offsets"][0])
-        return self._read_tensor(self._file, self.header[name])
+        """The tensor, on a private mapping of its own byte range: no copy and no zeroed buffer, and its pages
+        leave the process with the tensor (a shard-wide mapping would keep every touched page)."""
+        info = self.header[name]
+        dtype = DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        offset = self.data_start + start
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        if end == start or (offset - base) % dtype.itemsize:  # empty, or misaligned for its dtype: copy it
+            return self._read_range(offset, end - start).view(dtype).reshape(info["shape"])
+        mapping = mmap.mmap(self._fileno(), offset - base + end - start, access=mmap.ACCESS_COPY, offset=base)
+        mapping.madvise(mmap.MADV_SEQUENTIAL)
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - start, offset=offset - base)
+        return raw.view(dtype).reshape(info["shape"])
 
     def stream(self, on_done=None):
-        """Yield (name, tensor) in file order, reading every byte once; `on_done(sha256)` gets the file's digest."""
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            digest.update(f.read(self.data_start))
-            for name, info in sorted(self.header.items(), key=lambda item: item[1]["data_offsets"]):
-                gap = self.data_start + info["data_offsets"][0] - f.tell()
-                if gap:  # bytes between tensors (allowed, unusual) still belong to the file's digest
-                    digest.update(f.read(gap))
-                tensor = self._read_tensor(f, info)
-                digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-                yield name, tensor
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
+        """Yield (name, tensor) in file order, reading every byte once; `on_done(sha256)` gets the file's digest.
+
+        Hashing a tensor is what reads it from disk (its pages fault in, in order, like a plain `read`),
+        so whoever iterates in a background thread also does the disk reads there."""
+        digest, position = hashlib.sha256(), 0
+        size = self.path.stat().st_size
+        for name, info in sorted(self.header.items(), key=lambda item: item[1]["data_offsets"]):
+            start = self.data_start + info["data_offsets"][0]
+            if start > position:  # the header, and any bytes between tensors, belong to the digest too
+                digest.update(self._read_range(position, start - position).numpy())
+            tensor = self.read(name)
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+            position = start + tensor.numel() * tensor.element_size()
+            yield name, tensor
+        if size > position:
+            digest.update(self._read_range(position, size - position).numpy())
         if on_done is not None:
             on_done(digest.hexdigest())
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
-    def _read_tensor(self, f, info: dict) -> torch.Tensor:
-        start, end = info["data_offsets"]
-        raw = torch.empty(end - start, dtype=torch.uint8)
-        if f.readinto(raw.numpy()) != end - start:
-            raise BadInput(f"{self.path} ended early while reading a tensor. Re-download the checkpoint.")
-        return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+    def _fileno(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def _read_range(self, offset: int, length: int) -> torch.Tensor:
+        self._fileno()
+        raw = torch.empty(length, dtype=torch.uint8)
+        view, done = memoryview(raw.numpy()), 0
+        while done < length:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise BadInput(f"{self.path} ended early while reading a tensor. Re-download the checkpoint.")
+            done += got
+        return raw
 
 
 class StreamingShard:
-    """A safetensors file written tensor by tensor: data goes to disk at once, the header last.
+    """A safetensors file written tensor by tensor: data goes out at once, the header last.
 
     `header_bytes` is reserved at the start; `fits` says when the next entry would overflow it.
+    Writes run on `worker` (a SerialWorker), in order, so they overlap the caller's compute.
     """
 
-    def __init__(self, path: Path, header_bytes: int = 1 << 20):
+    def __init__(self, path: Path, worker, header_bytes: int = 1 << 20):
         self.path = Path(path)
         self.header_bytes = header_bytes
         self.entries: dict[str, dict] = {}
         self.data_bytes = 0
         self._header_used = len('{"__metadata__":{"format":"pt"}}')
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self._worker = worker
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close() on the worker
         self._file.seek(8 + header_bytes)
 
     def fits(self, name: str, tensor: torch.Tensor) -> bool:
@@ -140,17 +168,20 @@ class StreamingShard:
         self.entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}
         if nbytes:
-            self._file.write(tensor.reshape(-1).view(torch.uint8).numpy())
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            self._worker.submit(lambda: self._file.write(data))
         self.data_bytes += nbytes
 
     def close(self) -> None:
         header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        self._file.seek(0)
-        self._file.write(struct.pack("<Q", self.header_bytes) + header.ljust(self.header_bytes, b" "))
-        self._file.close()
+        head = struct.pack("<Q", self.header_bytes) + header.ljust(self.header_bytes, b" ")
 
-    def discard(self) -> None:
-        self._file.close()
+        def finish() -> None:
+            self._file.seek(0)
+            self._file.write(head)
+            self._file.close()
+
+        self._worker.submit(finish)
 
     def _entry_json(self, name: str, tensor: torch.Tensor, offset: int) -> str:
         nbytes = tensor.numel() * tensor.element_size()

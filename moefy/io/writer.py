@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from moefy.errors import BadInput
+from moefy.io.overlap import SerialWorker
 from moefy.io.safetensors_file import StreamingShard
 
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -32,13 +33,15 @@ class ShardedWriter:
     """Stream tensors into size-bounded safetensors shards; a shard closes when the next tensor would
     push it past `max_shard_bytes` (or overflow its reserved header).
 
-    Each tensor goes to disk as it is added, so memory holds no shard.  Shards get their final
-    `-0000i-of-0000N` names in `close()`.
+    Each tensor goes to disk as it is added (on a background writer, a couple of tensors behind), so
+    memory holds no shard.  Shards get their final `-0000i-of-0000N` names in `close()`.  Use as a
+    context manager: leaving it by an exception stops the writer without naming anything.
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
+        self._worker = SerialWorker()
         self._header_bytes = min(1 << 20, max(1 << 12, max_shard_bytes // 256 // 8 * 8))
         self._shard: StreamingShard | None = None
         self._shards: list[tuple[str, list[str]]] = []
@@ -51,21 +54,30 @@ class ShardedWriter:
                                                     or not shard.fits(name, tensor)):
             self._flush()
         if self._shard is None:
-            self._shard = StreamingShard(self.directory / f"shard-{len(self._shards):05d}.tmp", self._header_bytes)
+            self._shard = StreamingShard(self.directory / f"shard-{len(self._shards):05d}.tmp", self._worker,
+                                         self._header_bytes)
         self._shard.add(name, tensor)
         self.total_bytes += nbytes
 
     def _flush(self) -> None:
         if self._shard is None:
-            self._shard = StreamingShard(self.directory / f"shard-{len(self._shards):05d}.tmp", self._header_bytes)
+            self._shard = StreamingShard(self.directory / f"shard-{len(self._shards):05d}.tmp", self._worker,
+                                         self._header_bytes)
         self._shard.close()
         self._shards.append((self._shard.path.name, list(self._shard.entries)))
         self._shard = None
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._worker.close()
 
     def close(self) -> list[str]:
         """Write the last shard, name them all, and write the index when there is more than one."""
         if self._shard is not None or not self._shards:
             self._flush()
+        self._worker.wait()
         count = len(self._shards)
         if count == 1:
             os.replace(self.directory / self._shards[0][0], self.directory / "model.safetensors")

@@ -134,6 +134,10 @@ class Slice(Transform):
         prune = self.options.prune
         return prune.branches if prune.branches is not None else round(prune.fraction * b)
 
+    @property
+    def only_rearranges(self) -> bool:
+        return self.options.prune is None  # fade only chooses neurons; prune's compensation scales weights
+
     def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
         if previous is not None:
             raise BadInput("slice must be the first transform of a recipe: it starts from the dense MLP.")

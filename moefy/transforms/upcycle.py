@@ -68,6 +68,10 @@ class Upcycle(Transform):
         return self.options.experts // self.options.granularity
 
     @property
+    def only_rearranges(self) -> bool:
+        return self.options.drop == 0 and self.options.shared != "copy"  # re-drawn neurons, halved copies
+
+    @property
     def needs_calibration(self) -> bool:
         return self.options.router == "kmeans"
 

@@ -1,0 +1,340 @@
+"""`moefy batch MANIFEST.yaml`: many conversions (and evaluations, and gates) unattended, for CI.
+
+The manifest is validated whole before anything starts: every job is planned as `convert
+--dry-run` would plan it, and every problem in every job is reported at once.  Each job then runs
+in its own process (a crash or an out-of-memory kill fails that job only), at most `--jobs` at a
+time and only while the estimated peak memory of the running jobs fits in the available memory.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moefy.errors import BadInput, MoefyError
+from moefy.progress import log
+
+GIB = 2**30
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GateSpec(_Strict):
+    max_delta_ppl_pct: float | None = Field(None, description="fail the job when Δppl % exceeds this")
+
+
+class EvalSpec(_Strict):
+    dataset: str = Field(description="evaluation text (.txt/.raw/.jsonl/hf:...)")
+    max_windows: int | None = Field(40, ge=1, description="first N windows (null: all)")
+    seq_len: int = Field(512, ge=2)
+    gates: GateSpec = GateSpec()
+
+
+class Job(_Strict):
+    name: str | None = Field(None, description="label in logs and the summary (default: OUT's name)")
+    source: str
+    recipe: str
+    out: str
+    set: dict[str, Any] = Field(default_factory=dict, description="recipe overrides, as `--set KEY=VALUE`")
+    calib: str | None = None
+    format: str | None = None
+    dtype: str | None = None
+    seed: int = 0
+    allow_inexact: bool = False
+    force: bool = Field(False, description="replace an existing OUT that --resume would not skip")
+    eval: EvalSpec | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.out).name
+
+    def overrides(self) -> list[str]:
+        return [f"{key}={json.dumps(value)}" for key, value in self.set.items()]
+
+
+def load_manifest(path: Path, resume: bool) -> list[Job]:
+    """Every job of the manifest, defaults applied and each planned; all problems raised together (BadInput)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInput(f"manifest {path} does not exist. Pass a YAML file with a `jobs:` list.") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BadInput(f"manifest {path} could not be read as YAML ({exc}).") from None
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list) or not data["jobs"]:
+        raise BadInput(f"manifest {path} must be a mapping with a non-empty `jobs:` list (and optional `defaults:`).")
+    unknown = sorted(set(data) - {"defaults", "jobs"})
+    defaults = data.get("defaults") or {}
+    problems = [f"unknown top-level key(s) {', '.join(unknown)} (valid: defaults, jobs)"] if unknown else []
+    if not isinstance(defaults, dict):
+        problems.append("`defaults` must be a mapping of job keys")
+        defaults = {}
+    jobs, outs = [], {}
+    for i, entry in enumerate(data["jobs"]):
+        if not isinstance(entry, dict):
+            problems.append(f"jobs.{i}: must be a mapping with source, recipe and out")
+            continue
+        try:
+            job = Job.model_validate(_merge(defaults, entry))
+        except ValidationError as exc:
+            problems.append(f"jobs.{i}: " + "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+                for e in exc.errors()))
+            continue
+        where = f"jobs.{i} ({job.label})"
+        out = Path(job.out).resolve()
+        if out in outs:
+            problems.append(f"{where}: out {job.out} is also jobs.{outs[out]}'s out")
+        outs[out] = i
+        problems += [f"{where}: {p}" for p in _plan_problems(job, resume)]
+        jobs.append(job)
+    if problems:
+        raise BadInput(f"manifest {path} has {len(problems)} problem(s); nothing was started:\n  - "
+                       + "\n  - ".join(problems))
+    return jobs
+
+
+def _merge(defaults: dict, job: dict) -> dict:
+    """A job's keys over the defaults; `set` and `eval` merge key by key."""
+    merged = {**defaults, **job}
+    for key in ("set", "eval"):
+        if isinstance(defaults.get(key), dict) and isinstance(job.get(key), dict):
+            merged[key] = {**defaults[key], **job[key]}
+    return merged
+
+
+def _plan_problems(job: Job, resume: bool) -> list[str]:
+    """What would stop this job, found without converting anything (the checks of `convert --dry-run`)."""
+    from moefy.convert import convert
+    from moefy.io.data import load_text
+    from moefy.recipe import load_recipe
+
+    problems = []
+    try:
+        recipe = load_recipe(job.recipe, job.overrides())
+        convert(job.source, recipe, Path(job.out), fmt=job.format, dtype=job.dtype, seed=job.seed, dry_run=True,
+                allow_inexact=job.allow_inexact, calib=job.calib)
+    except MoefyError as exc:
+        problems.append(str(exc))
+    for spec, what in ((job.calib, "calib"), (job.eval.dataset if job.eval else None, "eval.dataset")):
+        if spec is not None:
+            try:
+                load_text(spec)
+            except MoefyError as exc:
+                problems.append(f"{what}: {exc}")
+    out = Path(job.out)
+    if out.exists() and not job.force:
+        if not resume:
+            problems.append(f"out {job.out} already exists: run with --resume to skip finished jobs, or set "
+                            f"`force: true` on the job to replace it")
+        elif not (out / "moefy.json").is_file():
+            problems.append(f"out {job.out} exists and is not a moefy output, so --resume will not replace it: "
+                            f"move it away, or set `force: true` on the job")
+    return problems
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+def run_batch(jobs: list[Job], *, parallel: int, resume: bool, memory_bytes: int | None = None) -> list[dict]:
+    """Run the jobs (each in a fresh process); returns one result per job, in manifest order."""
+    memory = memory_bytes if memory_bytes is not None else _available_memory()
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    context = multiprocessing.get_context("spawn")
+    waiting = list(enumerate(jobs))
+    running: dict[int, tuple[multiprocessing.Process, Path, float, float]] = {}
+    results: dict[int, dict] = {}
+    estimates = {i: estimate_peak_bytes(job) for i, job in waiting}
+    try:
+        while waiting or running:
+            while waiting and len(running) < parallel and (
+                    not running or sum(r[3] for r in running.values()) + estimates[waiting[0][0]] <= memory):
+                i, job = waiting.pop(0)
+                _log_path(job).parent.mkdir(parents=True, exist_ok=True)
+                result_path = _log_path(job).with_suffix(".result.json")
+                result_path.unlink(missing_ok=True)
+                process = context.Process(target=_job_main, args=(job.model_dump(), resume, threads, str(result_path)),
+                                          name=f"moefy-batch-{job.label}")
+                process.start()
+                running[i] = (process, result_path, time.perf_counter(), estimates[i])
+                log(f"[{i}] {job.label}: started (pid {process.pid}, ~{estimates[i] / GIB:.1f} GiB, log "
+                    f"{_log_path(job)})")
+            time.sleep(0.2)
+            for i, (process, result_path, started, _) in list(running.items()):
+                if process.is_alive():
+                    continue
+                process.join()
+                del running[i]
+                results[i] = _collect(jobs[i], process.exitcode, result_path, time.perf_counter() - started)
+                r = results[i]
+                log(f"[{i}] {jobs[i].label}: {r['status']}" + (f" — {r['reason']}" if r.get("reason") else ""))
+    except KeyboardInterrupt:
+        for process, *_ in running.values():
+            process.terminate()  # the child turns SIGTERM into KeyboardInterrupt: its temp dir is removed
+        for process, *_ in running.values():
+            process.join()
+        raise
+    return [results[i] for i in range(len(jobs))]
+
+
+def estimate_peak_bytes(job: Job) -> int:
+    """A job's peak memory, roughly: Python + torch (~1.5 GiB), a few fp32 copies of one decoder layer, the
+    largest tensor (embeddings) twice, and the calibration activations (tokens × hidden × 4 bytes × 4)
+    when the recipe calibrates.  README "Sizing --jobs" explains it."""
+    from moefy.io.checkpoint import open_source
+    from moefy.recipe import load_recipe
+
+    ckpt = open_source(job.source)
+    recipe = load_recipe(job.recipe, job.overrides())
+    layers = max(1, int(ckpt.config.get("num_hidden_layers") or ckpt.config.get("n_layer") or 1))
+    numels = {name: _numel(ckpt.shape(name)) for name in ckpt.tensor_names}
+    largest = max(numels.values())
+    per_layer = (sum(numels.values()) - 2 * largest) / layers
+    hidden = int(ckpt.config.get("hidden_size") or ckpt.config.get("n_embd") or 0)
+    calibrates = any(t.needs_calibration for t in recipe.build_transforms(0))
+    activations = recipe.calibration.samples * recipe.calibration.seq_len * hidden * 4 * 4 if calibrates else 0
+    return int(1.5 * GIB + 4 * 4 * per_layer + 2 * 4 * largest + activations)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: the job count alone limits
+
+
+def _log_path(job: Job) -> Path:
+    out = Path(job.out).resolve()
+    return out.with_name(out.name + ".log")
+
+
+def _collect(job: Job, exitcode: int | None, result_path: Path, seconds: float) -> dict:
+    try:
+        result = json.loads(result_path.read_text())
+        result_path.unlink()
+    except (OSError, json.JSONDecodeError):
+        why = (f"killed by signal {-exitcode}" + (" (out of memory?)" if exitcode == -signal.SIGKILL else "")
+               if exitcode is not None and exitcode < 0 else f"exited with code {exitcode} without a result")
+        result = {"status": "failed", "reason": f"the job's process {why}; see {_log_path(job)}"}
+    return {"name": job.label, "source": job.source, "recipe": job.recipe, "out": job.out,
+            "log": str(_log_path(job)), "seconds": round(seconds, 2), "reason": None, "eval": None, "gate": None,
+            **result}
+
+
+def _job_main(job_data: dict, resume: bool, threads: int, result_path: str) -> None:
+    """Child process: run one job with its output in its log file; write the result JSON last."""
+    job = Job.model_validate(job_data)
+    log_file = open(_log_path(job), "w", buffering=1)  # noqa: SIM115 - the process's stdout/stderr until exit
+    os.dup2(log_file.fileno(), 1)
+    os.dup2(log_file.fileno(), 2)
+    sys.stdout = sys.stderr = log_file
+    signal.signal(signal.SIGTERM, _interrupt)
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        result = run_job(job, resume)
+    except MoefyError as exc:
+        result = {"status": "failed", "reason": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - any failure fails this job only; the traceback is in its log
+        import traceback
+
+        traceback.print_exc()
+        result = {"status": "failed", "reason": f"internal error: {type(exc).__name__}: {exc}"}
+    Path(result_path).write_text(json.dumps(result))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_job(job: Job, resume: bool) -> dict:
+    """Convert (unless --resume finds it done), then evaluate and gate (unless already recorded)."""
+    from moefy.convert import convert, evaluate_output
+    from moefy.recipe import load_recipe
+
+    recipe = load_recipe(job.recipe, job.overrides())
+    out = Path(job.out)
+    record = _finished_record(job, recipe) if resume else None
+    status = "skipped" if record is not None else "done"
+    if record is None:
+        record = convert(job.source, recipe, out, fmt=job.format, dtype=job.dtype, seed=job.seed, force=True,
+                         allow_inexact=job.allow_inexact, calib=job.calib)
+    gate_limit = job.eval.gates.max_delta_ppl_pct if job.eval else None
+    if gate_limit is None and recipe.gates is not None:
+        gate_limit = recipe.gates.max_delta_ppl_pct
+    report = None
+    if job.eval is not None:
+        report = _recorded_eval(record, job.eval)
+        if report is None:
+            report = evaluate_output(out, job.source, job.eval.dataset, job.eval.seq_len, job.eval.max_windows,
+                                     gate_limit)
+            status = "done"
+        elif gate_limit is not None:
+            report["gate_passed"] = report["delta_pct"] <= gate_limit
+    result = {"status": status, "eval": report and {k: report[k] for k in (
+        "dataset", "dataset_sha256", "windows", "seq_len", "ppl", "baseline_ppl", "delta_pct",
+        "params_total", "params_active_per_token", "mlp_active_fraction")}}
+    if report is not None and gate_limit is not None:
+        passed = report["gate_passed"]
+        result["gate"] = {"max_delta_ppl_pct": gate_limit, "delta_pct": report["delta_pct"], "passed": passed}
+        if not passed:
+            result.update(status="failed", reason=f"quality gate missed: Δppl {report['delta_pct']:+.4f}% > "
+                                                  f"{gate_limit}%")
+    return result
+
+
+def _finished_record(job: Job, recipe) -> dict | None:
+    """OUT's moefy.json when OUT is a finished conversion of this source with this resolved recipe and seed."""
+    from moefy.io.checkpoint import open_source
+
+    try:
+        record = json.loads((Path(job.out) / "moefy.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = (record.get("recipe") == recipe.model_dump(mode="json") and record.get("seed") == job.seed
+            and (job.format in (None, "auto") or record.get("format", {}).get("name") == job.format)
+            and (job.dtype in (None, "auto") or record.get("dtype") == job.dtype)
+            and record.get("source", {}).get("weights_sha256") == open_source(job.source).weights_sha256)
+    if not same:
+        log(f"{job.out} holds a different conversion (source, recipe or seed changed): converting again")
+        return None
+    log(f"{job.out} is already this conversion (same source hash, recipe and seed): skipped")
+    return record
+
+
+def _recorded_eval(record: dict, spec: EvalSpec) -> dict | None:
+    """The evaluation already in moefy.json when it is on the same data, windows and length."""
+    from moefy.io.data import load_text
+
+    recorded = record.get("eval")
+    if (recorded and recorded.get("dataset_sha256") == load_text(spec.dataset).sha256
+            and recorded.get("seq_len") == spec.seq_len
+            and (spec.max_windows is None or recorded.get("windows") == spec.max_windows)):
+        return dict(recorded)
+    return None
+
+
+def summary(manifest: Path, results: list[dict], seconds: float) -> dict:
+    counts = {status: sum(r["status"] == status for r in results) for status in ("done", "skipped", "failed")}
+    return {"manifest": str(manifest), "seconds": round(seconds, 2), "counts": counts, "passed": not counts["failed"],
+            "jobs": results}
