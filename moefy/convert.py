@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -213,9 +214,10 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
         if request is not None:
             _preview(ckpt, info, calibration, transform, request)
     runner = calibration.runner(ckpt, adapter) if calibration else None
-    skip = {adapter.lm_head} if info.config.get("tie_word_embeddings", False) else set()  # a .bin stores a tied
-    reads = ckpt.stream() if runner is None else prefetch(_layer_order(ckpt, owner))      # head twice
-    roles = {layer: len(adapter.mlp_weight_names(layer, info.config)) for layer in range(num_layers)}
+    # a .bin stores a tied head twice; the embeddings are the one copy
+    skip = {adapter.lm_head} if info.config.get("tie_word_embeddings", False) else set()
+    reads = ckpt.stream() if runner is None else prefetch(_layer_order(ckpt, owner))
+    roles = Counter(layer for layer, _ in owner.values())  # MLP tensors per layer
     as_stored = runner is None and all(t.only_rearranges for t in transforms)
     pending: dict[int, dict[str, torch.Tensor]] = {}
     blocks, stats = {}, {}

