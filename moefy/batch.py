@@ -187,22 +187,28 @@ def run_batch(jobs: list[Job], *, parallel: int, resume: bool, memory_bytes: int
 
 
 def estimate_peak_bytes(job: Job) -> int:
-    """A job's peak memory, roughly: Python + torch (~1.5 GiB), a few fp32 copies of one decoder layer, the
-    largest tensor (embeddings) twice, and the calibration activations (tokens × hidden × 4 bytes × 4)
-    when the recipe calibrates.  README "Sizing --jobs" explains it."""
-    from moefy.io.checkpoint import open_source
+    """A job's peak memory, from the shapes alone, fitted to measurements (docs/BENCHMARKS.md "Big checkpoints"):
+    2.5 GiB for Python + torch + transformers, the read-ahead, two fp32 copies of one decoder layer; and when the
+    recipe calibrates, the fp32 embeddings of the layer-by-layer runner, the calibration activations
+    (tokens × hidden × 16 bytes) and three fp64 width × width matrices (least-squares fits over the MLP's
+    neurons).  README "Sizing --jobs" explains it."""
+    from moefy.arch import adapter_for
+    from moefy.io.checkpoint import READ_AHEAD, open_source
     from moefy.recipe import load_recipe
 
     ckpt = open_source(job.source)
     recipe = load_recipe(job.recipe, job.overrides())
-    layers = max(1, int(ckpt.config.get("num_hidden_layers") or ckpt.config.get("n_layer") or 1))
+    adapter = adapter_for(ckpt.config, where=str(ckpt.path))
     numels = {name: _numel(ckpt.shape(name)) for name in ckpt.tensor_names}
     largest = max(numels.values())
-    per_layer = (sum(numels.values()) - 2 * largest) / layers
-    hidden = int(ckpt.config.get("hidden_size") or ckpt.config.get("n_embd") or 0)
-    calibrates = any(t.needs_calibration for t in recipe.build_transforms(0))
-    activations = recipe.calibration.samples * recipe.calibration.seq_len * hidden * 4 * 4 if calibrates else 0
-    return int(1.5 * GIB + 4 * 4 * per_layer + 2 * 4 * largest + activations)
+    per_layer = (sum(numels.values()) - 2 * largest) / max(1, adapter.num_layers(ckpt.config))
+    stored = sum(p.stat().st_size for p in ckpt.weight_files)
+    estimate = 2.5 * GIB + min(READ_AHEAD, stored) + 2 * 4 * per_layer
+    if any(t.needs_calibration for t in recipe.build_transforms(0)):
+        tokens = recipe.calibration.samples * recipe.calibration.seq_len
+        width = adapter.mlp_width(ckpt.config)
+        estimate += 4 * largest + tokens * adapter.hidden_size(ckpt.config) * 16 + 3 * width * width * 8
+    return int(estimate)
 
 
 def _numel(shape) -> int:
