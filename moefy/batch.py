@@ -145,9 +145,11 @@ def _plan_problems(job: Job, resume: bool) -> list[str]:
 
 # -- running ---------------------------------------------------------------------------------------
 
-def run_batch(jobs: list[Job], *, parallel: int, resume: bool, memory_bytes: int | None = None) -> list[dict]:
-    """Run the jobs (each in a fresh process); returns one result per job, in manifest order."""
-    memory = memory_bytes if memory_bytes is not None else _available_memory()
+def run_batch(jobs: list[Job], *, parallel: int, resume: bool) -> list[dict]:
+    """Run the jobs (each in a fresh process); returns one result per job, in manifest order.
+
+    Available memory is read once, before any job starts; running jobs count by their estimates."""
+    memory = _available_memory()
     threads = max(1, (os.cpu_count() or 1) // parallel)
     context = multiprocessing.get_context("spawn")
     waiting = list(enumerate(jobs))
