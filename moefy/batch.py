@@ -9,6 +9,7 @@ time and only while the estimated peak memory of the running jobs fits in the av
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -201,7 +202,7 @@ def estimate_peak_bytes(job: Job) -> int:
     ckpt = open_source(job.source)
     recipe = load_recipe(job.recipe, job.overrides())
     adapter = adapter_for(ckpt.config, where=str(ckpt.path))
-    numels = {name: _numel(ckpt.shape(name)) for name in ckpt.tensor_names}
+    numels = {name: math.prod(ckpt.shape(name)) for name in ckpt.tensor_names}
     largest = max(numels.values())
     per_layer = (sum(numels.values()) - 2 * largest) / max(1, adapter.num_layers(ckpt.config))
     stored = sum(p.stat().st_size for p in ckpt.weight_files)
@@ -211,13 +212,6 @@ def estimate_peak_bytes(job: Job) -> int:
         width = adapter.mlp_width(ckpt.config)
         estimate += 4 * largest + tokens * adapter.hidden_size(ckpt.config) * 16 + 3 * width * width * 8
     return int(estimate)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _available_memory() -> int:

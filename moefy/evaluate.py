@@ -67,10 +67,10 @@ def evaluate(model_spec: str, *, baseline: str | None, dataset: str, seq_len: in
     if baseline is not None:
         base_ckpt = open_source(baseline)
         base_windows = token_windows(load_tokenizer(base_ckpt), data, seq_len, max_windows)
-        if not torch.equal(base_windows, windows):  # e.g. transformers picks a family tokenizer class by model_type
+        report["tokenizers_agree"] = torch.equal(base_windows, windows)
+        if not report["tokenizers_agree"]:  # e.g. transformers picks a family tokenizer class by model_type
             log(f"the tokenizers of {model_spec} and {baseline} split the text differently; both are scored on "
                 f"{model_spec}'s tokens so the perplexities compare")
-        report["tokenizers_agree"] = torch.equal(base_windows, windows)
         base = perplexity(load_model(base_ckpt), windows, batch_size, label="baseline")
         report.update({"baseline_ppl": base["ppl"], "baseline_tokens_per_s": base["tokens_per_s"],
                        "delta_pct": 100.0 * (result["ppl"] / base["ppl"] - 1.0)})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -24,7 +25,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-DTYPE_BYTES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 def read_header(path: Path) -> dict[str, dict]:
@@ -54,7 +55,7 @@ def _read_header(path: Path) -> tuple[dict[str, dict], int]:
     for name, info in header.items():
         try:
             start, end = info["data_offsets"]
-            expected = DTYPE_BYTES[info["dtype"]] * _numel(info["shape"])
+            expected = DTYPE_BYTES[info["dtype"]] * math.prod(map(int, info["shape"]))
         except (KeyError, TypeError, ValueError):
             raise BadInput(f"{path} has a corrupt entry for tensor {name!r} in its header. Re-download or "
                            f"re-save the checkpoint.") from None
@@ -67,17 +68,11 @@ def _read_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, 8 + header_len
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
 class SafetensorsFile:
     """One safetensors file: its header, tensors read by byte range, and an in-order pass that hashes it.
 
-    Reads use `pread` (no shared file position), so threads may read the same file at once."""
+    Reads map or `pread` their own byte range (no shared file position), so threads may read the same
+    file at once."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -130,11 +125,11 @@ class SafetensorsFile:
         return self._fd
 
     def _read_range(self, offset: int, length: int) -> torch.Tensor:
-        self._fileno()
+        fd = self._fileno()
         raw = torch.empty(length, dtype=torch.uint8)
         view, done = memoryview(raw.numpy()), 0
         while done < length:
-            got = os.preadv(self._fd, [view[done:]], offset + done)
+            got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
                 raise BadInput(f"{self.path} ended early while reading a tensor. Re-download the checkpoint.")
             done += got
@@ -159,18 +154,16 @@ class StreamingShard:
         self._file.seek(8 + header_bytes)
 
     def fits(self, name: str, tensor: torch.Tensor) -> bool:
-        return self._header_used + len(self._entry_json(name, tensor, self.data_bytes)) + 1 <= self.header_bytes
+        return self._header_used + self._entry_length(name, self._entry(tensor)) <= self.header_bytes
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        self._header_used += len(self._entry_json(name, tensor, self.data_bytes)) + 1
-        self.entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}
-        if nbytes:
+        entry = self.entries[name] = self._entry(tensor)
+        self._header_used += self._entry_length(name, entry)
+        if tensor.numel():
             data = tensor.reshape(-1).view(torch.uint8).numpy()
             self._worker.submit(lambda: self._file.write(data))
-        self.data_bytes += nbytes
+        self.data_bytes = entry["data_offsets"][1]
 
     def close(self) -> None:
         header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
@@ -183,7 +176,13 @@ class StreamingShard:
 
         self._worker.submit(finish)
 
-    def _entry_json(self, name: str, tensor: torch.Tensor, offset: int) -> str:
+    def _entry(self, tensor: torch.Tensor) -> dict:
+        """The header entry `tensor` gets when it is added next."""
         nbytes = tensor.numel() * tensor.element_size()
-        return json.dumps({name: {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                                  "data_offsets": [offset, offset + nbytes]}}, separators=(",", ":"))
+        return {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}
+
+    @staticmethod
+    def _entry_length(name: str, entry: dict) -> int:
+        """Bytes the entry adds to the header (a bound: the comma and the braces of its own object)."""
+        return len(json.dumps({name: entry}, separators=(",", ":"))) + 1

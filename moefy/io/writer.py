@@ -53,17 +53,17 @@ class ShardedWriter:
         if shard is not None and shard.entries and (shard.data_bytes + nbytes > self.max_shard_bytes
                                                     or not shard.fits(name, tensor)):
             self._flush()
-        if self._shard is None:
-            self._shard = StreamingShard(self.directory / f"shard-{len(self._shards):05d}.tmp", self._worker,
-                                         self._header_bytes)
-        self._shard.add(name, tensor)
+        self._open_shard().add(name, tensor)
         self.total_bytes += nbytes
 
-    def _flush(self) -> None:
+    def _open_shard(self) -> StreamingShard:
         if self._shard is None:
             self._shard = StreamingShard(self.directory / f"shard-{len(self._shards):05d}.tmp", self._worker,
                                          self._header_bytes)
-        self._shard.close()
+        return self._shard
+
+    def _flush(self) -> None:
+        self._open_shard().close()
         self._shards.append((self._shard.path.name, list(self._shard.entries)))
         self._shard = None
 
