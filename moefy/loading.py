@@ -49,7 +49,7 @@ def experts_implementation(backend: str) -> str:
     return f"moefy_{backend}"
 
 
-def _runs_on_moefy(model) -> bool:
+def runs_on_moefy(model) -> bool:
     """Whether every experts module has the layout moefy's backends compute: [gate; up] rows, no bias."""
     experts = [m for m in model.modules() if hasattr(m, "is_concatenated") and hasattr(m, "gate_up_proj")]
     return bool(experts) and all(m.is_concatenated and not m.is_transposed and not m.has_bias
@@ -95,7 +95,7 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
     model.to(device).eval()
     if isinstance(model, MoefyForCausalLM):
         model.set_backend(backend)
-    elif model._can_set_experts_implementation() and _runs_on_moefy(model):
+    elif model._can_set_experts_implementation() and runs_on_moefy(model):
         model.set_experts_implementation(experts_implementation(backend))
     return model
 

@@ -71,3 +71,17 @@ def experts_torch(hidden, weights, experts, w13, w2, activation, gated, b13=None
     y = _grouped(x.index_select(0, token_of_slot), weights.reshape(-1)[order, None], row_bias, counts, w13, w2,
                  activation_fn(activation), gated)
     return torch.zeros_like(x).index_add_(0, token_of_slot, y)
+
+
+def experts_masked(hidden, weights, experts, w13, w2, activation, gated, b13=None):
+    """Every expert on every token, each scaled by its routing weight (0 where not selected): two GEMMs the
+    size of the dense MLP's, no gather or scatter — differentiable in the weights, the routing weights and
+    the input, so it is the training path (end-to-end distillation); more compute than `experts_torch`
+    when top_k ≪ E."""
+    x = hidden.float()
+    num, width, dim = w2.shape[0], w2.shape[2], w2.shape[1]
+    dense_w = torch.zeros(x.shape[0], num, dtype=x.dtype, device=x.device).scatter(1, experts, weights.float())
+    z = F.linear(x, w13.float().reshape(-1, dim)).view(x.shape[0], num, -1)
+    z = z if b13 is None else z + b13.float()
+    h = (_glu(z, activation_fn(activation), gated) * dense_w[..., None]).reshape(x.shape[0], num * width)
+    return F.linear(h, w2.float().permute(1, 0, 2).reshape(dim, num * width))

@@ -31,6 +31,9 @@ ROWS = {  # name → (recipe, --set overrides of that row)
     "carve-25": ("carve-25", []),
     "carve-25-distill": ("carve-25-distill", []),
     "carve-100-distill": ("carve-50-distill", ["transforms.0.carve.top_k=48"]),  # every expert active: no drift
+    # the carve steps of carve-50-distill / carve-25-distill alone (layer 0 dense), training-free
+    "carve-50-dense0": ("carve-50", ["transforms.0.carve.top_k=14", "transforms.0.carve.dense_layers=[0]"]),
+    "carve-25-dense0": ("carve-25", ["transforms.0.carve.top_k=6", "transforms.0.carve.dense_layers=[0]"]),
 }
 
 

@@ -97,13 +97,21 @@ E2E = "{end_to_end: {budget: {tokens: 1024}, lr: 1e-3}}"
 
 
 @pytest.mark.parametrize("family,fmt", [("llama", "qwen2_moe"), ("gpt2", "native")])
-def test_end_to_end_distillation(tiny, tmp_path, text_file, family, fmt):
+def test_end_to_end_distillation(tiny, tmp_path, text_file, family, fmt, monkeypatch):
     """KL to the dense logits on calibration samples; the trained weights are written in the format's layout
-    and load back (standard: stock transformers; native: both loaders), and every block still validates."""
+    and load back (standard: stock transformers; native: both loaders), and every block still validates.
+    Standard exports train on the `masked` experts backend (dense GEMMs, differentiable)."""
     from transformers import AutoModelForCausalLM
 
+    import moefy_kernels
+
+    calls = []
+    masked = moefy_kernels.BACKENDS["masked"]
+    monkeypatch.setitem(moefy_kernels.BACKENDS, "masked", moefy_kernels.Backend(
+        masked.route, lambda *args, **kwargs: calls.append(1) or masked.experts(*args, **kwargs)))
     src = tiny(family, **({"n_inner": 128} if family == "gpt2" else {"intermediate_size": 256}))
     record = _convert(src, _recipe(tmp_path, "{experts: 8, shared: 1, top_k: 2}", E2E), tmp_path / "out", text_file)
+    assert bool(calls) == (fmt == "qwen2_moe")  # native blocks train on their own masked path
     e2e = record["finalize"]["distill"]
     assert record["format"]["name"] == fmt and e2e["kept"] and e2e["holdout_kl_after"] < e2e["holdout_kl_before"]
     assert e2e["steps"] == 1024 // 64 and e2e["tokens"] == 1024
@@ -119,6 +127,10 @@ def test_end_to_end_is_deterministic_and_leaves_an_exact_model_alone(tiny, tmp_p
         _convert(src, recipe, tmp_path / name, text_file)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    recomputed = E2E.replace("lr: 1e-3", "lr: 1e-3, checkpointing: true")  # same steps, activations recomputed
+    _convert(src, _recipe(tmp_path, "{experts: 8, shared: 1, top_k: 2}", recomputed), tmp_path / "c", text_file)
+    c = load_file(tmp_path / "c" / "model.safetensors")
+    assert all(torch.allclose(a[k], c[k], rtol=1e-5, atol=1e-6) for k in a)
     exact = _convert(src, _recipe(tmp_path, "{experts: 8, shared: 0, top_k: 8, compensation: {refit_down: false}}",
                                   E2E), tmp_path / "exact", text_file)
     assert not exact["finalize"]["distill"]["kept"]
@@ -129,3 +141,24 @@ def test_end_to_end_needs_samples_to_train_on(tiny, tmp_path, text_file):
     recipe = _recipe(tmp_path, "{experts: 4, top_k: 2}", "{end_to_end: {budget: {tokens: 64}, holdout_samples: 24}}")
     code, _, stderr = run_cli("convert", tiny("llama"), "-r", recipe, "-o", tmp_path / "out", "--calib", text_file)
     assert code == 2 and "at least 25 calibration samples" in stderr
+
+
+def test_training_ends_with_small_steps_when_the_clock_stops_it():
+    """A minutes budget that binds before the step budget: the cosine follows the clock, so the last step is
+    a small fraction of the first (loss = t with gradient 1: each Adam step is about the current lr)."""
+    import time
+
+    from moefy.calib.end_to_end import train_adam
+
+    t = torch.ones(1, requires_grad=True)
+    values = []
+
+    def loss_fn(step):
+        values.append(float(t))
+        time.sleep(0.05)
+        return t.sum()
+
+    done, _, seconds = train_adam([([t], 0.01)], loss_fn, steps=1000, seconds=1.0)
+    deltas = [a - b for a, b in zip(values, values[1:])]
+    assert 5 < done < 1000 and seconds >= 1.0
+    assert deltas[-1] < 0.2 * deltas[0]

@@ -24,18 +24,23 @@ from moefy.errors import BadInput
 from moefy.io.checkpoint import WEIGHT_INDEXES
 from moefy.progress import log, progress
 
+
 def train_adam(groups: list[tuple[list[torch.Tensor], float]], loss_fn, steps: int | None, seconds: float | None,
                on_step=None) -> tuple[int, list[float], float]:
-    """Adam on `groups` of (tensors, step relative to each tensor's RMS), cosine-decayed over `steps` when
-    known, until `steps` are done or `seconds` have passed; loss_fn(step) gives each step's loss.
-    Returns (steps done, their losses, seconds)."""
+    """Adam on `groups` of (tensors, step relative to each tensor's RMS) until `steps` are done or `seconds`
+    have passed; loss_fn(step) gives each step's loss. The step size decays on a cosine over the steps —
+    or over the seconds when there is no step limit or the pace so far says the clock will stop the run
+    first, so a run the clock ends still ends with small steps (and only such a run depends on the
+    machine's speed). Returns (steps done, their losses, seconds)."""
     optimizer = torch.optim.Adam([{"params": [t], "lr": lr * _rms(t)} for ts, lr in groups for t in ts])
     base = [group["lr"] for group in optimizer.param_groups]
     start, done, losses = time.perf_counter(), 0, []
     while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
-        if steps is not None:
-            for group, lr in zip(optimizer.param_groups, base):
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done / steps))
+        elapsed = time.perf_counter() - start
+        clock_binds = seconds is not None and (steps is None or done and elapsed / done * steps > seconds)
+        used = elapsed / seconds if clock_binds else done / steps
+        for group, lr in zip(optimizer.param_groups, base):
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, used)))
         tick = time.perf_counter()
         loss = loss_fn(done)
         optimizer.zero_grad(set_to_none=True)
@@ -81,7 +86,7 @@ def _trainable(model, what: str) -> list[torch.Tensor]:
 
 def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, seed: int, dtype: str,
                        shard_size: str) -> dict:
-    from moefy.loading import load_model
+    from moefy.loading import experts_implementation, load_model, runs_on_moefy
 
     held, train = tokens[: options.holdout_samples], tokens[options.holdout_samples:]  # convert checked: train ≥ 1
     teacher, student = load_model(source), load_model(out_dir)
@@ -90,11 +95,11 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
         raise BadInput(f"distill.end_to_end.train={options.train!r} finds no parameters in {out_dir.name}.")
     with torch.no_grad():
         before = float(_kl(student, teacher, held))
-    if student._can_set_experts_implementation():
-        student.set_experts_implementation("eager")  # transformers' own loop: differentiable
+    if student._can_set_experts_implementation():  # a differentiable experts path for the standard formats
+        student.set_experts_implementation(experts_implementation("masked") if runs_on_moefy(student) else "eager")
     student.train()
-    student.activation_checkpointing_enable() if hasattr(student, "activation_checkpointing_enable") \
-        else student.gradient_checkpointing_enable()
+    if options.checkpointing:
+        student.gradient_checkpointing_enable()
     budget, seq_len = options.budget, train.shape[1]
     steps = None if budget.tokens is None else max(1, budget.tokens // seq_len)
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
