@@ -25,15 +25,15 @@ from moefy.loading import load_model, load_tokenizer
 from moefy.progress import set_quiet
 from moefy.recipe import load_recipe
 
-ROWS = {  # name → (recipe, --set overrides of that row)
-    "carve-50": ("carve-50", []),
-    "carve-50-distill": ("carve-50-distill", []),
-    "carve-25": ("carve-25", []),
-    "carve-25-distill": ("carve-25-distill", []),
-    "carve-100-distill": ("carve-50-distill", ["transforms.0.carve.top_k=48"]),  # every expert active: no drift
+ROWS = {  # name → (recipe, --set overrides of that row, whether to drop the recipe's distill step)
+    "carve-50": ("carve-50", [], False),
+    "carve-50-distill": ("carve-50-distill", [], False),
+    "carve-25": ("carve-25", [], False),
+    "carve-25-distill": ("carve-25-distill", [], False),
+    "carve-100-distill": ("carve-50-distill", ["transforms.0.carve.top_k=48"], False),  # all active: no drift
     # the carve steps of carve-50-distill / carve-25-distill alone (layer 0 dense), training-free
-    "carve-50-dense0": ("carve-50", ["transforms.0.carve.top_k=14", "transforms.0.carve.dense_layers=[0]"]),
-    "carve-25-dense0": ("carve-25", ["transforms.0.carve.top_k=6", "transforms.0.carve.dense_layers=[0]"]),
+    "carve-50-dense0": ("carve-50-distill", [], True),
+    "carve-25-dense0": ("carve-25-distill", [], True),
 }
 
 
@@ -63,9 +63,11 @@ def main() -> None:
     print(f"dense ppl {dense:.4f} on {windows.shape[0]}×512", flush=True)
     rows = []
     for name in args.only or list(ROWS):
-        recipe_name, sets = ROWS[name]
+        recipe_name, sets, without_distill = ROWS[name]
         applicable = [s for s in args.sets if "distill" not in s or "distill" in recipe_name]
         recipe = load_recipe(recipe_name, [*sets, *applicable, f"calibration.samples={args.samples}"])
+        if without_distill:
+            recipe.transforms = [step for step in recipe.transforms if "distill" not in step]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out"
             t0 = time.perf_counter()
