@@ -143,7 +143,7 @@ def eval_(
     seq_len: int = typer.Option(512, "--seq-len"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="First N windows (default: all)."),
     batch_size: int = typer.Option(4, "--batch-size"),
-    backend: str = typer.Option("auto", "--backend", help="auto|torch|triton|masked|reference: how MoE blocks run."),
+    backend: str = typer.Option("auto", "--backend", help="auto|torch|triton|reference: how MoE blocks run."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report (DESIGN.md fields)."),
 ):
     """Perplexity of MODEL (and --baseline) over non-overlapping windows of DATASET."""
@@ -212,7 +212,7 @@ def validate(
     model: str = typer.Argument(..., help="A moefy output directory."),
     source: Optional[str] = typer.Option(None, "--source", help="Also report the logit gap to this dense model."),
     backend: str = typer.Option("auto", "--backend",
-                                help="auto|torch|triton|masked|reference: the moefy backend under test."),
+                                help="auto|torch|triton|reference: the moefy backend under test."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report (DESIGN.md fields)."),
 ):
     """Check every MoE block and the whole model against the plain reference; exit 1 on mismatch."""

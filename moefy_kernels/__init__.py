@@ -1,8 +1,8 @@
 """Sparse-expert forward passes behind one entry point, `moe_forward` (contract: DESIGN.md).
 
 Backends: `reference` (plain loop, the oracle), `torch` (per-token loop / grouped matmuls, CPU and GPU),
-`triton` (fused kernels, CUDA; on CPU only under TRITON_INTERPRET=1, for tests), `masked` (every expert on
-every token, masked: differentiable, for training).
+`triton` (fused kernels, CUDA; on CPU only under TRITON_INTERPRET=1, for tests). `reference` and `torch`
+are differentiable (torch is the training path); triton is inference only.
 `auto` picks triton for CUDA tensors when it is installed, else torch.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from moefy_kernels.reference import experts_reference
 from moefy_kernels.routing import ACTIVATIONS, route
-from moefy_kernels.torch_ops import experts_masked, experts_torch
+from moefy_kernels.torch_ops import experts_torch
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,7 @@ def _route(logits, top_k, scoring, combine):
     return route(logits, top_k, scoring=scoring, combine=combine)
 
 
-BACKENDS = {"reference": Backend(_route, experts_reference), "torch": Backend(_route, experts_torch),
-            "masked": Backend(_route, experts_masked)}
+BACKENDS = {"reference": Backend(_route, experts_reference), "torch": Backend(_route, experts_torch)}
 try:
     from moefy_kernels.triton_moe import experts_triton, route_triton
 except ImportError:  # triton is Linux-only; the other backends cover everything else

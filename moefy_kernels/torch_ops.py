@@ -1,8 +1,9 @@
 """Fast PyTorch experts (CPU and GPU): a per-token loop for one or two tokens, else (token, slot) pairs
 sorted by expert and two grouped matmuls (`torch._grouped_mm` where this build has it, else one matmul
-pair per hit expert on contiguous slices), then `index_add_` back to tokens. The routing weight scales
+pair per hit expert on contiguous slices), then `index_add` back to tokens. The routing weight scales
 the narrow intermediate (I_e wide), not the H-wide output; rows are gathered with `index_select`
-(3× faster than advanced indexing on CPU, measured).
+(3× faster than advanced indexing on CPU, measured). Every path is differentiable, so training
+(end-to-end distillation) computes only the selected experts too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,25 @@ def _has_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> boo
                                          for t in (x, w13, w2))
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """x [N, in] · w[e]ᵀ on each expert's rows (offs: cumulative row counts) → [N, out]. Its own backward
+    because torch's `_grouped_mm` has none on CPU; both gradients are grouped matmuls again: the input's
+    over the same row groups, the weights' grouped along the rows (the reduction dimension)."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch._grouped_mm(grad, w, offs=offs) if ctx.needs_input_grad[0] else None
+        grad_w = torch._grouped_mm(grad.t(), x, offs=offs) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
 def _glu(z: torch.Tensor, act, gated: bool) -> torch.Tensor:
     if not gated:
         return act(z)
@@ -39,9 +59,9 @@ def _grouped(x_sorted, row_weights, row_bias, counts, w13, w2, act, gated):
     expert input bias [N, rows] or None."""
     if _has_grouped_mm(x_sorted, w13, w2):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        z = torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs)
+        z = _GroupedLinear.apply(x_sorted, w13, offs)
         h = _glu(z if row_bias is None else z + row_bias, act, gated) * row_weights
-        return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+        return _GroupedLinear.apply(h, w2, offs)
     out = torch.empty(x_sorted.shape[0], w2.shape[1], dtype=x_sorted.dtype, device=x_sorted.device)
     start = 0
     for e, n in enumerate(counts.tolist()):
@@ -70,18 +90,5 @@ def experts_torch(hidden, weights, experts, w13, w2, activation, gated, b13=None
     row_bias = None if b13 is None else b13.index_select(0, flat[order])
     y = _grouped(x.index_select(0, token_of_slot), weights.reshape(-1)[order, None], row_bias, counts, w13, w2,
                  activation_fn(activation), gated)
-    return torch.zeros_like(x).index_add_(0, token_of_slot, y)
+    return torch.zeros_like(x).index_add(0, token_of_slot, y)
 
-
-def experts_masked(hidden, weights, experts, w13, w2, activation, gated, b13=None):
-    """Every expert on every token, each scaled by its routing weight (0 where not selected): two GEMMs the
-    size of the dense MLP's, no gather or scatter — differentiable in the weights, the routing weights and
-    the input, so it is the training path (end-to-end distillation); more compute than `experts_torch`
-    when top_k ≪ E."""
-    x = hidden.float()
-    num, width, dim = w2.shape[0], w2.shape[2], w2.shape[1]
-    dense_w = torch.zeros(x.shape[0], num, dtype=x.dtype, device=x.device).scatter(1, experts, weights.float())
-    z = F.linear(x, w13.float().reshape(-1, dim)).view(x.shape[0], num, -1)
-    z = z if b13 is None else z + b13.float()
-    h = (_glu(z, activation_fn(activation), gated) * dense_w[..., None]).reshape(x.shape[0], num * width)
-    return F.linear(h, w2.float().permute(1, 0, 2).reshape(dim, num * width))

@@ -100,18 +100,19 @@ E2E = "{end_to_end: {budget: {tokens: 1024}, lr: 1e-3}}"
 def test_end_to_end_distillation(tiny, tmp_path, text_file, family, fmt, monkeypatch):
     """KL to the dense logits on calibration samples; the trained weights are written in the format's layout
     and load back (standard: stock transformers; native: both loaders), and every block still validates.
-    Standard exports train on the `masked` experts backend (dense GEMMs, differentiable)."""
+    Standard exports train on the `torch` experts backend (grouped matmuls, differentiable), native
+    blocks too."""
     from transformers import AutoModelForCausalLM
 
     import moefy_kernels
 
     calls = []
-    masked = moefy_kernels.BACKENDS["masked"]
-    monkeypatch.setitem(moefy_kernels.BACKENDS, "masked", moefy_kernels.Backend(
-        masked.route, lambda *args, **kwargs: calls.append(1) or masked.experts(*args, **kwargs)))
+    fast = moefy_kernels.BACKENDS["torch"]
+    monkeypatch.setitem(moefy_kernels.BACKENDS, "torch", moefy_kernels.Backend(
+        fast.route, lambda *args, **kwargs: calls.append(torch.is_grad_enabled()) or fast.experts(*args, **kwargs)))
     src = tiny(family, **({"n_inner": 128} if family == "gpt2" else {"intermediate_size": 256}))
     record = _convert(src, _recipe(tmp_path, "{experts: 8, shared: 1, top_k: 2}", E2E), tmp_path / "out", text_file)
-    assert bool(calls) == (fmt == "qwen2_moe")  # native blocks train on their own masked path
+    assert any(calls)  # the training steps ran on it
     e2e = record["finalize"]["distill"]
     assert record["format"]["name"] == fmt and e2e["kept"] and e2e["holdout_kl_after"] < e2e["holdout_kl_before"]
     assert e2e["steps"] == 1024 // 64 and e2e["tokens"] == 1024
@@ -154,7 +155,7 @@ def test_training_ends_with_small_steps_when_the_clock_stops_it():
     values = []
 
     def loss_fn(step):
-        values.append(float(t))
+        values.append(t.item())
         time.sleep(0.05)
         return t.sum()
 

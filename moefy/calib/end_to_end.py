@@ -1,12 +1,13 @@
 """End-to-end distillation: the written MoE model learns the dense source's next-token distributions.
 
 Unlike the layer-by-layer stages this holds both models in memory (teacher in inference mode,
-student with gradient checkpointing), so it is for models that fit. Loss: KL(teacher ‖ student) per
-token on the calibration samples (the first `holdout_samples` are kept out to measure it before and
-after). MoE blocks train on their differentiable every-expert-masked path; the routing they compute
-is the one they run. The trained weights replace the written ones only if the held-out KL improved;
-they are saved with transformers' own `save_pretrained` (the checkpoint layout every loader reads),
-in the output dtype, and only the weight files are taken from it.
+student training, optionally with activation checkpointing), so it is for models that fit. Loss:
+KL(teacher ‖ student) per token on the calibration samples (the first `holdout_samples` are kept out to
+measure it before and after). MoE blocks train on moefy's `torch` experts backend (grouped matmuls over
+the selected experts only, differentiable); the routing they compute is the one they run. The trained
+weights replace the written ones only if the held-out KL improved; they are saved with transformers'
+own `save_pretrained` (the checkpoint layout every loader reads), in the output dtype, and only the
+weight files are taken from it.
 """
 
 from __future__ import annotations
@@ -96,10 +97,11 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
     with torch.no_grad():
         before = float(_kl(student, teacher, held))
     if student._can_set_experts_implementation():  # a differentiable experts path for the standard formats
-        student.set_experts_implementation(experts_implementation("masked") if runs_on_moefy(student) else "eager")
+        student.set_experts_implementation(experts_implementation("torch") if runs_on_moefy(student) else "eager")
     student.train()
     if options.checkpointing:
-        student.gradient_checkpointing_enable()
+        # transformers ≥ 5.x renamed gradient_checkpointing_enable (deprecated, still there)
+        getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
     budget, seq_len = options.budget, train.shape[1]
     steps = None if budget.tokens is None else max(1, budget.tokens // seq_len)
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))

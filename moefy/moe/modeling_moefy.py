@@ -188,15 +188,16 @@ class MoeBlock(nn.Module):
             shared = (self.shared.gate_up_proj, self.shared.down_proj, self.shared.gate_up_bias)
         kwargs = dict(scoring=self.scoring, combine=self.combine, activation=self.activation, gated=self.gated,
                       shared=shared, expert_scales=self.expert_scales, b13=b13)
-        if moe_forward is not None and not (self.training and torch.is_grad_enabled()):
-            return moe_forward(x, logits, w13, w2, self.top_k, backend=self.backend, **kwargs)
-        return _dense_masked_moe(x, logits, w13, w2, self.top_k, **kwargs)
+        if moe_forward is None:
+            return _dense_masked_moe(x, logits, w13, w2, self.top_k, **kwargs)
+        training = self.training and torch.is_grad_enabled()  # triton has no backward; torch does
+        return moe_forward(x, logits, w13, w2, self.top_k, backend="torch" if training else self.backend, **kwargs)
 
 
 def _dense_masked_moe(x, logits, w13, w2, top_k, *, scoring, combine, activation, gated, shared, expert_scales,
                       b13=None):
-    """Every expert on every token (two dense-MLP-sized GEMMs), masked by the routing weights: the fallback
-    without moefy_kernels, and the differentiable path for training (end-to-end distillation)."""
+    """Every expert on every token (two dense-MLP-sized GEMMs), masked by the routing weights: the forward
+    (and training) path where moefy_kernels is not installed."""
     act = _ACTIVATIONS[activation]
     probs = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()
     top_p, top_i = torch.topk(probs, top_k, dim=-1)
