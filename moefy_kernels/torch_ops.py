@@ -91,4 +91,3 @@ def experts_torch(hidden, weights, experts, w13, w2, activation, gated, b13=None
     y = _grouped(x.index_select(0, token_of_slot), weights.reshape(-1)[order, None], row_bias, counts, w13, w2,
                  activation_fn(activation), gated)
     return torch.zeros_like(x).index_add(0, token_of_slot, y)
-
