@@ -56,7 +56,7 @@ class EndToEnd(BaseModel):
     budget: Budget = Field(description="training budget of this stage: {tokens: N, minutes: M}")
     train: Literal["router", "moe", "all"] = Field(
         "moe", description="routers + expert scales, every MoE block's parameters, or the whole model")
-    lr: float = Field(1e-3, gt=0, description="Adam step relative to each tensor's RMS")
+    lr: float = Field(2e-3, gt=0, description="Adam step relative to each tensor's RMS")
     checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, one more forward per step")
     holdout_samples: int = Field(2, ge=1, description="calibration samples kept out to measure the KL before/after")
