@@ -211,8 +211,7 @@ def inspect(model: str = typer.Argument(..., help="Model directory (or `demo`)."
 def validate(
     model: str = typer.Argument(..., help="A moefy output directory."),
     source: Optional[str] = typer.Option(None, "--source", help="Also report the logit gap to this dense model."),
-    backend: str = typer.Option("auto", "--backend",
-                                help="auto|torch|triton|reference: the moefy backend under test."),
+    backend: str = typer.Option("auto", "--backend", help="auto|torch|triton|reference: the moefy backend under test."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report (DESIGN.md fields)."),
 ):
     """Check every MoE block and the whole model against the plain reference; exit 1 on mismatch."""

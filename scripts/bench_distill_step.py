@@ -19,22 +19,18 @@ import torch
 from bench_carve import SHARED
 
 from moefy.calib import load_calibration
-from moefy.calib.end_to_end import _kl, _trainable
+from moefy.calib.end_to_end import _kl, _trainable, train_adam
 from moefy.io.checkpoint import open_source
 from moefy.loading import experts_implementation, load_model
 from moefy.progress import set_quiet
 
 
 def step_seconds(student, teacher, ids: torch.Tensor, steps: int) -> list[float]:
-    optimizer = torch.optim.Adam(_trainable(student, "moe"), lr=1e-6)
+    """Each step's seconds, through the stage's own training loop (tiny steps: only the time matters)."""
     student.train()
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        _kl(student, teacher, ids).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+    train_adam([(_trainable(student, "moe"), 1e-6)], lambda step: _kl(student, teacher, ids), steps, None,
+               on_step=times.append)
     return times
 
 

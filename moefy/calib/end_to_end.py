@@ -87,17 +87,17 @@ def _trainable(model, what: str) -> list[torch.Tensor]:
 
 def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, seed: int, dtype: str,
                        shard_size: str) -> dict:
-    from moefy.loading import experts_implementation, load_model, runs_on_moefy
+    from moefy.loading import load_model, runs_on_moefy
 
     held, train = tokens[: options.holdout_samples], tokens[options.holdout_samples:]  # convert checked: train ≥ 1
-    teacher, student = load_model(source), load_model(out_dir)
+    teacher, student = load_model(source), load_model(out_dir, backend="torch")  # torch: differentiable experts
     params = _trainable(student, options.train)
     if not params:
         raise BadInput(f"distill.end_to_end.train={options.train!r} finds no parameters in {out_dir.name}.")
     with torch.no_grad():
         before = float(_kl(student, teacher, held))
-    if student._can_set_experts_implementation():  # a differentiable experts path for the standard formats
-        student.set_experts_implementation(experts_implementation("torch") if runs_on_moefy(student) else "eager")
+    if student._can_set_experts_implementation() and not runs_on_moefy(student):
+        student.set_experts_implementation("eager")  # a layout moefy does not compute: transformers' own loop
     student.train()
     if options.checkpointing:
         # transformers ≥ 5.x renamed gradient_checkpointing_enable (deprecated, still there)
