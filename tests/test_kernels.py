@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moefy.moe.modeling_moefy import _dense_masked_moe
-from moefy_kernels import BACKENDS, moe_forward, route
+from moefy_kernels import BACKENDS, moe_forward, route, torch_ops
 
 
 def _weights(e, i, h, gated=True, seed=0):
@@ -51,20 +51,44 @@ def test_torch_matches_reference(tokens, experts, top_k, combine, with_shared):
 
 @pytest.mark.parametrize("tokens,experts,width", [(2, 6, 8), (40, 6, 8), (5, 16, 8), (9, 6, 6)])
 @pytest.mark.parametrize("biased", [False, True])
-def test_torch_backend_gradients_match_the_reference(tokens, experts, width, biased):
+def test_torch_backend_gradients_match_the_reference(monkeypatch, tokens, experts, width, biased):
     """The training path: gradients in the input, the weights, their biases and the routing weights equal
-    the reference's (autograd through the plain loop) on each of torch's paths: the per-token loop (2 tokens),
-    grouped matmuls with their own backward (16 experts for 5 tokens leave some without rows) and one
-    matmul pair per expert (6-wide fp32 experts are not 16-byte aligned for the grouped matmul)."""
-    w13, w2 = _weights(experts, width, 16)
-    b13 = torch.randn(experts, 2 * width, generator=torch.Generator().manual_seed(6)) if biased else None
+    the reference's (autograd through the plain loop) on each of torch's sparse paths: the per-token loop
+    (2 tokens), grouped matmuls with their own backward (16 experts for 5 tokens leave some without rows)
+    and one matmul pair per expert (6-wide fp32 experts are not 16-byte aligned for the grouped matmul)."""
+    monkeypatch.setattr(torch_ops, "_every_expert_is_faster", lambda *_: False)
+    _assert_torch_matches_reference(tokens, experts, width, 2, biased, True, "silu")
+
+
+@pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu_tanh")])
+@pytest.mark.parametrize("biased", [False, True])
+def test_every_expert_path_matches_the_reference(monkeypatch, gated, activation, biased):
+    """Narrow experts on CPU: every expert as two dense matmuls, masked — outputs and gradients as the reference."""
+    monkeypatch.setattr(torch_ops, "_every_expert_is_faster", lambda *_: True)
+    _assert_torch_matches_reference(30, 12, 8, 3, biased, gated, activation)
+
+
+def test_every_expert_path_is_chosen_where_it_was_measured_faster():
+    x = torch.zeros(512, 576)
+    assert torch_ops._every_expert_is_faster(x, torch.zeros(128, 576, 8), 26)  # carve-50-distill's blocks
+    assert not torch_ops._every_expert_is_faster(x, torch.zeros(168, 576, 8), 18)  # 25 % of 192: grouped
+    assert not torch_ops._every_expert_is_faster(x, torch.zeros(48, 576, 24), 14)  # wide enough: grouped
+    assert not torch_ops._every_expert_is_faster(x.to("meta"), torch.zeros(128, 576, 8), 26)  # only on CPU
+
+
+def _assert_torch_matches_reference(tokens, experts, width, top_k, biased, gated, activation):
+    w13, w2 = _weights(experts, width, 16, gated)
+    b13 = torch.randn(experts, w13.shape[1], generator=torch.Generator().manual_seed(6)) if biased else None
     x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(4))
-    weights, ids = route(torch.randn(tokens, experts, generator=torch.Generator().manual_seed(5)), 2)
-    grads = []
+    weights, ids = route(torch.randn(tokens, experts, generator=torch.Generator().manual_seed(5)), top_k)
+    outputs, grads = [], []
     for fn in (BACKENDS["reference"].experts, BACKENDS["torch"].experts):
         leaves = [t.clone().requires_grad_() for t in (x, weights, w13, w2, b13) if t is not None]
-        fn(leaves[0], leaves[1], ids, leaves[2], leaves[3], "silu", True, *leaves[4:]).pow(2).sum().backward()
+        y = fn(leaves[0], leaves[1], ids, leaves[2], leaves[3], activation, gated, *leaves[4:])
+        y.pow(2).sum().backward()
+        outputs.append(y.detach())
         grads.append([t.grad for t in leaves])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
     for fast, ref in zip(*grads):
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
@@ -252,7 +276,8 @@ def test_triton_kernels_compile_for_gpus(arch, dtype):
 
 
 @pytest.mark.parametrize("width", [2, 6])  # strides grouped_mm cannot take: the per-expert fallback
-def test_torch_backend_on_narrow_experts(width):
+def test_torch_backend_on_narrow_experts(monkeypatch, width):
+    monkeypatch.setattr(torch_ops, "_every_expert_is_faster", lambda *_: False)
     w13, w2 = _weights(8, width, 32)
     x, logits = torch.randn(20, 32), torch.randn(20, 8)
     ref = moe_forward(x, logits, w13, w2, 2, backend="reference")

@@ -59,7 +59,7 @@ class EndToEnd(BaseModel):
     lr: float = Field(2e-3, gt=0, description="Adam step relative to each tensor's RMS")
     checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, one more forward per step")
-    holdout_samples: int = Field(2, ge=1, description="calibration samples kept out to measure the KL before/after")
+    holdout_samples: int = Field(8, ge=1, description="calibration samples kept out to measure the KL before/after")
 
 
 class DistillOptions(Options):
