@@ -78,8 +78,8 @@ def _grouped(x_sorted, row_weights, row_bias, counts, w13, w2, act, gated):
 def _every_expert_is_faster(x: torch.Tensor, w2: torch.Tensor, top_k: int) -> bool:
     """On CPU, grouped matmuls of experts narrower than 16 run far below dense-GEMM speed: computing every
     expert as two dense matmuls wins while the routed experts are at most EVERY_EXPERT_MAX_RATIO × top_k
-    (measured, training step of the demo model with 128 experts of width 8, 26 active: 4.3 vs 6.1 s;
-    with 168 experts, 18 active, grouped stays faster)."""
+    (measured: a training step of the demo model with 128 experts of width 8, 26 active, 4.3 vs 6.1 s;
+    one block's forward and backward with 168 such experts, 18 active, 52 vs 35 ms: grouped stays)."""
     return x.device.type == "cpu" and w2.shape[-1] < 16 and w2.shape[0] <= EVERY_EXPERT_MAX_RATIO * top_k
 
 
