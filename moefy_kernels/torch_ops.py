@@ -84,7 +84,8 @@ def _every_expert_is_faster(x: torch.Tensor, w2: torch.Tensor, top_k: int) -> bo
 
 
 def _every_expert(x, weights, experts, w13, w2, act, gated, b13):
-    """Every expert on every token as two dense matmuls, the unselected ones weighted 0."""
+    """Every expert on every token as two dense matmuls, the unselected ones weighted 0. (modeling_moefy's
+    `_dense_masked_moe` computes the same on its own: that file must run where moefy_kernels is absent.)"""
     tokens, (num, dim, width) = x.shape[0], w2.shape
     z = F.linear(x, w13.reshape(-1, dim)).view(tokens, num, -1)
     h = _glu(z if b13 is None else z + b13, act, gated)
