@@ -79,8 +79,11 @@ def _every_expert_is_faster(x: torch.Tensor, w2: torch.Tensor, top_k: int) -> bo
     """On CPU, grouped matmuls of experts narrower than 16 run far below dense-GEMM speed: computing every
     expert as two dense matmuls wins while the routed experts are at most EVERY_EXPERT_MAX_RATIO × top_k
     (measured: a training step of the demo model with 128 experts of width 8, 26 active, 4.3 vs 6.1 s;
-    one block's forward and backward with 168 such experts, 18 active, 52 vs 35 ms: grouped stays)."""
-    return x.device.type == "cpu" and w2.shape[-1] < 16 and w2.shape[0] <= EVERY_EXPERT_MAX_RATIO * top_k
+    one block's forward and backward with 168 such experts, 18 active, 52 vs 35 ms: grouped stays), and
+    always below width 8 (672 experts of width 2, 76 active: a training step took minutes grouped, a
+    few seconds dense)."""
+    width = w2.shape[-1]
+    return x.device.type == "cpu" and (width < 8 or width < 16 and w2.shape[0] <= EVERY_EXPERT_MAX_RATIO * top_k)
 
 
 def _every_expert(x, weights, experts, w13, w2, act, gated, b13):

@@ -30,7 +30,7 @@ ROWS = {  # name → (recipe, --set overrides of that row, whether to drop the r
     "carve-50-distill": ("carve-50-distill", [], False),
     "carve-25": ("carve-25", [], False),
     "carve-25-distill": ("carve-25-distill", [], False),
-    "carve-100-distill": ("carve-50-distill", ["transforms.0.carve.top_k=128"], False),  # all active: no drift
+    "carve-100-distill": ("carve-50-distill", ["transforms.0.carve.top_k=512"], False),  # all active: no drift
     # the carve steps of carve-50-distill / carve-25-distill alone (layer 0 dense), training-free
     "carve-50-dense0": ("carve-50-distill", [], True),
     "carve-25-dense0": ("carve-25-distill", [], True),

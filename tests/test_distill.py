@@ -96,8 +96,12 @@ def test_distill_needs_calibration(tiny, tmp_path):
 E2E = "{end_to_end: {budget: {tokens: 1024}, lr: 1e-3}}"
 
 
-@pytest.mark.parametrize("family,fmt", [("llama", "qwen2_moe"), ("gpt2", "native")])
-def test_end_to_end_distillation(tiny, tmp_path, text_file, family, fmt, monkeypatch):
+@pytest.mark.parametrize("family,carve,fmt", [
+    ("llama", "{experts: 8, shared: 1, top_k: 2}", "qwen2_moe"),
+    ("llama", "{experts: 128, shared: 16, top_k: 24}", "native"),  # 2-wide experts, as the shipped recipes
+    ("gpt2", "{experts: 8, shared: 1, top_k: 2}", "native"),
+])
+def test_end_to_end_distillation(tiny, tmp_path, text_file, family, carve, fmt, monkeypatch):
     """KL to the dense logits on calibration samples; the trained weights are written in the format's layout
     and load back (standard: stock transformers; native: both loaders), and every block still validates.
     Standard exports train on the `torch` experts backend (grouped matmuls, differentiable), native
@@ -111,7 +115,7 @@ def test_end_to_end_distillation(tiny, tmp_path, text_file, family, fmt, monkeyp
     monkeypatch.setitem(moefy_kernels.BACKENDS, "torch", moefy_kernels.Backend(
         fast.route, lambda *args, **kwargs: calls.append(torch.is_grad_enabled()) or fast.experts(*args, **kwargs)))
     src = tiny(family, **({"n_inner": 128} if family == "gpt2" else {"intermediate_size": 256}))
-    record = _convert(src, _recipe(tmp_path, "{experts: 8, shared: 1, top_k: 2}", E2E), tmp_path / "out", text_file)
+    record = _convert(src, _recipe(tmp_path, carve, E2E), tmp_path / "out", text_file)
     assert any(calls)  # the training steps ran on it
     e2e = record["finalize"]["distill"]
     assert record["format"]["name"] == fmt and e2e["kept"] and e2e["holdout_kl_after"] < e2e["holdout_kl_before"]
@@ -163,3 +167,14 @@ def test_training_ends_with_small_steps_when_the_clock_stops_it():
     deltas = [a - b for a, b in zip(values, values[1:])]
     assert 5 < done < 1000 and seconds >= 1.0
     assert deltas[-1] < 0.2 * deltas[0]
+
+
+@pytest.mark.parametrize("name,budget", [("carve-50-distill", 0.5), ("carve-25-distill", 0.25)])
+def test_shipped_distill_recipes_stay_within_their_active_budget(name, budget):
+    """On the demo model's shape (30 layers): the dense layers count whole, the others shared + top_k."""
+    from moefy.recipe import load_recipe
+
+    carve = load_recipe(name).transforms[0]["carve"]
+    layers, dense = 30, len(carve["dense_layers"])
+    active = (dense + (layers - dense) * (carve["shared"] + carve["top_k"]) / carve["experts"]) / layers
+    assert budget - 0.02 < active <= budget  # 0.4865 and 0.2448

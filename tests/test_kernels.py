@@ -70,9 +70,10 @@ def test_every_expert_path_matches_the_reference(monkeypatch, gated, activation,
 
 def test_every_expert_path_is_chosen_where_it_was_measured_faster():
     x = torch.zeros(512, 576)
-    assert torch_ops._every_expert_is_faster(x, torch.zeros(128, 576, 8), 26)  # carve-50-distill's blocks
+    assert torch_ops._every_expert_is_faster(x, torch.zeros(128, 576, 8), 26)  # a width-8 carve at 50 %
     assert not torch_ops._every_expert_is_faster(x, torch.zeros(168, 576, 8), 18)  # 25 % of 192: grouped
     assert not torch_ops._every_expert_is_faster(x, torch.zeros(48, 576, 24), 14)  # wide enough: grouped
+    assert torch_ops._every_expert_is_faster(x, torch.zeros(672, 576, 2), 76)  # 2-wide: dense at any ratio
     assert not torch_ops._every_expert_is_faster(x.to("meta"), torch.zeros(128, 576, 8), 26)  # only on CPU
 
 
