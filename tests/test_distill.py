@@ -98,7 +98,7 @@ E2E = "{end_to_end: {budget: {tokens: 1024}, lr: 1e-3}}"
 
 @pytest.mark.parametrize("family,carve,fmt", [
     ("llama", "{experts: 8, shared: 1, top_k: 2}", "qwen2_moe"),
-    ("llama", "{experts: 128, shared: 16, top_k: 24}", "native"),  # 2-wide experts, as the shipped recipes
+    ("llama", "{experts: 128, shared: 16, top_k: 24}", "native"),  # 2-wide experts, as carve-50-distill's
     ("gpt2", "{experts: 8, shared: 1, top_k: 2}", "native"),
 ])
 def test_end_to_end_distillation(tiny, tmp_path, text_file, family, carve, fmt, monkeypatch):
