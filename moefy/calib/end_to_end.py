@@ -3,11 +3,12 @@
 Unlike the layer-by-layer stages this holds both models in memory (teacher in inference mode,
 student training, optionally with activation checkpointing), so it is for models that fit. Loss:
 KL(teacher ‖ student) per token on the calibration samples (the first `holdout_samples` are kept out to
-measure it before and after). MoE blocks train on moefy's `torch` experts backend (grouped matmuls over
-the selected experts only, differentiable); the routing they compute is the one they run. The trained
-weights replace the written ones only if the held-out KL improved; they are saved with transformers'
-own `save_pretrained` (the checkpoint layout every loader reads), in the output dtype, and only the
-weight files are taken from it.
+measure it before and after); a `minutes` budget covers the whole stage, loading and evaluations
+included. MoE blocks train on moefy's `torch` experts backend (grouped matmuls over the selected experts
+only, differentiable); the routing they compute is the one they run. The trained weights replace the
+written ones only if the held-out KL improved; they are saved with transformers' own `save_pretrained`
+(the checkpoint layout every loader reads), in the output dtype, and only the weight files are taken
+from it.
 """
 
 from __future__ import annotations
@@ -28,16 +29,18 @@ from moefy.progress import log, progress
 
 def train_adam(groups: list[tuple[list[torch.Tensor], float]], loss_fn, steps: int | None, seconds: float | None,
                on_step=None) -> tuple[int, list[float], float]:
-    """Adam on `groups` of (tensors, step relative to each tensor's RMS) until `steps` are done or `seconds`
-    have passed; loss_fn(step) gives each step's loss. The step size decays on a cosine over the steps —
-    or over the seconds when there is no step limit or the pace so far says the clock will stop the run
-    first, so a run the clock ends still ends with small steps (and only such a run depends on the
-    machine's speed). Returns (steps done, their losses, seconds)."""
+    """Adam on `groups` of (tensors, step relative to each tensor's RMS) until `steps` are done or the next
+    step, at the pace so far, would end after `seconds`; loss_fn(step) gives each step's loss. The step size
+    decays on a cosine over the steps — or over the seconds when there is no step limit or the pace says
+    the clock will stop the run first, so a run the clock ends still ends with small steps (and only such
+    a run depends on the machine's speed). Returns (steps done, their losses, seconds)."""
     optimizer = torch.optim.Adam([{"params": [t], "lr": lr * _rms(t)} for ts, lr in groups for t in ts])
     base = [group["lr"] for group in optimizer.param_groups]
     start, done, losses = time.perf_counter(), 0, []
-    while (steps is None or done < steps) and (seconds is None or time.perf_counter() - start < seconds):
+    while steps is None or done < steps:
         elapsed = time.perf_counter() - start
+        if seconds is not None and (elapsed >= seconds or done and elapsed * (done + 1) / done > seconds):
+            break
         clock_binds = seconds is not None and (steps is None or done and elapsed / done * steps > seconds)
         used = elapsed / seconds if clock_binds else done / steps
         for group, lr in zip(optimizer.param_groups, base):
@@ -89,13 +92,19 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
                        shard_size: str) -> dict:
     from moefy.loading import load_model, runs_on_moefy
 
+    stage_start = time.perf_counter()
     held, train = tokens[: options.holdout_samples], tokens[options.holdout_samples:]  # convert checked: train ≥ 1
-    teacher, student = load_model(source), load_model(out_dir, backend="torch")  # torch: differentiable experts
+    teacher = load_model(source)
+    tick = time.perf_counter()
+    student = load_model(out_dir, backend="torch")  # torch: differentiable experts
+    load_seconds = time.perf_counter() - tick
     params = _trainable(student, options.train)
     if not params:
         raise BadInput(f"distill.end_to_end.train={options.train!r} finds no parameters in {out_dir.name}.")
+    tick = time.perf_counter()
     with torch.no_grad():
         before = float(_kl(student, teacher, held))
+    eval_seconds = time.perf_counter() - tick
     if student._can_set_experts_implementation() and not runs_on_moefy(student):
         student.set_experts_implementation("eager")  # a layout moefy does not compute: transformers' own loop
     student.train()
@@ -105,15 +114,18 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
     budget, seq_len = options.budget, train.shape[1]
     steps = None if budget.tokens is None else max(1, budget.tokens // seq_len)
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
-    total = steps or max(1, int(60 * budget.minutes))  # progress ticks: steps, or seconds
+    # the minutes cover the whole stage: what ran so far, training, the held-out evaluation after it (as long
+    # as the one before) and writing the weights (as long as reading them)
+    seconds = None if budget.minutes is None else max(
+        0.0, 60 * budget.minutes - (time.perf_counter() - stage_start) - eval_seconds - load_seconds)
+    total = steps or max(1, int(seconds))  # progress ticks: steps, or seconds
     with progress("distill end to end", total) as advance:
         done, losses, seconds = train_adam(
             [(params, options.lr)], lambda step: _kl(student, teacher, train[order[step % len(order)]][None]),
-            steps, None if budget.minutes is None else 60 * budget.minutes,
-            on_step=lambda took: advance(1 if steps is not None else max(0, round(took))))
+            steps, seconds, on_step=lambda took: advance(1 if steps is not None else max(0, round(took))))
     student.eval()
     with torch.no_grad():
-        after = float(_kl(student, teacher, held))
+        after = float(_kl(student, teacher, held)) if done else before
     kept = improved(before, after)
     log(f"distill end to end: held-out KL {before:.4f} → {after:.4f}{'' if kept else ' (kept the original)'} in "
         f"{done} steps ({done * seq_len:,} tokens), {seconds:.0f}s")
