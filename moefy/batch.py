@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moefy.errors import BadInput, MoefyError
+from moefy.io.output import Inputs, check_report_path
 from moefy.progress import log
 
 GIB = 2**30
@@ -64,8 +65,9 @@ class Job(_Strict):
         return [f"{key}={json.dumps(value)}" for key, value in self.set.items()]
 
 
-def load_manifest(path: Path, resume: bool) -> list[Job]:
-    """Every job of the manifest, defaults applied and each planned; all problems raised together (BadInput)."""
+def load_manifest(path: Path, resume: bool, reports: tuple[Path | None, ...] = ()) -> list[Job]:
+    """Every job of the manifest, defaults applied and each planned; all problems raised together (BadInput).
+    `reports` are files the batch writes at the end (`--json`)."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -80,7 +82,7 @@ def load_manifest(path: Path, resume: bool) -> list[Job]:
     if not isinstance(defaults, dict):
         problems.append("`defaults` must be a mapping of job keys")
         defaults = {}
-    jobs, outs = [], {}
+    jobs, planned = [], []
     for i, entry in enumerate(data["jobs"]):
         if not isinstance(entry, dict):
             problems.append(f"jobs.{i}: must be a mapping with source, recipe and out")
@@ -93,12 +95,11 @@ def load_manifest(path: Path, resume: bool) -> list[Job]:
                 for e in exc.errors()))
             continue
         where = f"jobs.{i} ({job.label})"
-        out = Path(job.out).resolve()
-        if out in outs:
-            problems.append(f"{where}: out {job.out} is also jobs.{outs[out]}'s out")
-        outs[out] = i
-        problems += [f"{where}: {p}" for p in _plan_problems(job, resume)]
+        job_problems, job_inputs = _plan_problems(job, resume)
+        problems += [f"{where}: {p}" for p in job_problems]
+        planned.append((where, job, job_inputs))
         jobs.append(job)
+    problems += _write_problems(Path(path), planned, reports)
     if problems:
         raise BadInput(f"manifest {path} has {len(problems)} problem(s); nothing was started:\n  - "
                        + "\n  - ".join(problems))
@@ -114,17 +115,60 @@ def _merge(defaults: dict, job: dict) -> dict:
     return merged
 
 
-def _plan_problems(job: Job, resume: bool) -> list[str]:
-    """What would stop this job, found without converting anything (the checks of `convert --dry-run`)."""
+def _write_problems(manifest: Path, planned: list[tuple[str, Job, Inputs]], reports: tuple[Path | None, ...]
+                    ) -> list[str]:
+    """Every job's writes (OUT, its log and result file) and the batch's reports against every job's inputs and
+    the manifest, and OUTs against each other: no job writes over, into or around what another reads or writes.
+    (A job's OUT against its own inputs is its dry run's check.)"""
+    def inputs_of(skip: int | None) -> Inputs:
+        inputs = Inputs()
+        inputs.add(manifest, "the manifest")
+        for i, (where, _, job_inputs) in enumerate(planned):
+            if i != skip:
+                inputs.paths += [(p, f"{what} of {where}") for p, what in job_inputs.paths]
+        return inputs
+
+    problems, outs, everything = [], {}, inputs_of(None)
+    for i, (where, job, _) in enumerate(planned):
+        out = Path(job.out).resolve()
+        for target, what, inputs in ((job.out, "out", inputs_of(i)), (_log_path(job), "log", everything),
+                                     (_result_path(job), "result file", everything)):
+            try:
+                inputs.check_target(target, what)
+            except BadInput as exc:
+                problems.append(f"{where}: {exc}")
+        for other, other_where in outs.items():
+            relation = ("is also" if other == out else "lies inside" if other in out.parents else
+                        "contains" if out in other.parents else None)
+            if relation:
+                problems.append(f"{where}: out {job.out} {relation} {other_where}'s out")
+        outs[out] = where
+    for report in reports:
+        try:
+            check_report_path(report, everything)
+        except BadInput as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _plan_problems(job: Job, resume: bool) -> tuple[list[str], Inputs]:
+    """What would stop this job, found without converting anything (the checks of `convert --dry-run`), and
+    the paths it reads."""
     from moefy.convert import convert
     from moefy.io.data import load_text
     from moefy.recipe import load_recipe
 
-    problems = []
+    problems, inputs = [], Inputs()
+    out = Path(job.out)
+    if out.exists() and not job.force and not resume:
+        problems.append(f"out {job.out} already exists: run with --resume to skip finished jobs, or set "
+                        f"`force: true` on the job to replace it (only a previous moefy output is replaced)")
     try:
         recipe = load_recipe(job.recipe, job.overrides())
-        convert(job.source, recipe, Path(job.out), fmt=job.format, dtype=job.dtype, seed=job.seed, dry_run=True,
-                allow_inexact=job.allow_inexact, calib=job.calib)
+        plan = convert(job.source, recipe, out, fmt=job.format, dtype=job.dtype, seed=job.seed, force=True,
+                       dry_run=True, allow_inexact=job.allow_inexact, calib=job.calib,
+                       eval_dataset=job.eval.dataset if job.eval else None)
+        inputs = Inputs.from_json(plan["inputs"])
     except MoefyError as exc:
         problems.append(str(exc))
     for spec, what in ((job.calib, "calib"), (job.eval.dataset if job.eval else None, "eval.dataset")):
@@ -133,15 +177,7 @@ def _plan_problems(job: Job, resume: bool) -> list[str]:
                 load_text(spec)
             except MoefyError as exc:
                 problems.append(f"{what}: {exc}")
-    out = Path(job.out)
-    if out.exists() and not job.force:
-        if not resume:
-            problems.append(f"out {job.out} already exists: run with --resume to skip finished jobs, or set "
-                            f"`force: true` on the job to replace it")
-        elif not (out / "moefy.json").is_file():
-            problems.append(f"out {job.out} exists and is not a moefy output, so --resume will not replace it: "
-                            f"move it away, or set `force: true` on the job")
-    return problems
+    return problems, inputs
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -163,7 +199,7 @@ def run_batch(jobs: list[Job], *, parallel: int, resume: bool) -> list[dict]:
                     not running or sum(r[3] for r in running.values()) + estimates[waiting[0][0]] <= memory):
                 i, job = waiting.pop(0)
                 _log_path(job).parent.mkdir(parents=True, exist_ok=True)
-                result_path = _log_path(job).with_suffix(".result.json")
+                result_path = _result_path(job)
                 result_path.unlink(missing_ok=True)
                 process = context.Process(target=_job_main, args=(job.model_dump(), resume, threads, str(result_path)),
                                           name=f"moefy-batch-{job.label}")
@@ -227,6 +263,10 @@ def _available_memory() -> int:
 def _log_path(job: Job) -> Path:
     out = Path(job.out).resolve()
     return out.with_name(out.name + ".log")
+
+
+def _result_path(job: Job) -> Path:
+    return _log_path(job).with_suffix(".result.json")
 
 
 def _collect(job: Job, exitcode: int | None, result_path: Path, seconds: float) -> dict:

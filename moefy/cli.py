@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import sys
 import traceback
 import typing
@@ -48,8 +49,10 @@ def _handled(fn):
             err.print(f"[bold red]{label}:[/bold red] {exc}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/bold red]: no partial output was left behind.")
-            raise typer.Exit(130) from None
+            signum = _state.get("signal", signal.SIGINT)
+            err.print(f"[bold red]interrupted[/bold red] ({signal.Signals(signum).name}): no partial output was "
+                      f"left behind.")
+            raise typer.Exit(128 + signum) from None
         except OSError as exc:  # the file system refused: full, read-only, gone
             if _state["debug"]:
                 traceback.print_exc()
@@ -72,7 +75,25 @@ def _handled(fn):
 
 def _write_json(path: Optional[Path], data: dict) -> None:
     if path is not None:
-        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        from moefy.io.output import write_report
+
+        write_report(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _check_json(path: Optional[Path], models: dict[str, Optional[str]], data: Optional[str] = None) -> None:
+    """Refuse a `--json` path that is, contains or lies inside one of the command's inputs (models by role, and
+    a dataset), before any work."""
+    from moefy.io.checkpoint import open_source
+    from moefy.io.output import Inputs, check_report_path
+
+    if path is None:
+        return
+    reads = Inputs()
+    for what, spec in models.items():
+        if spec is not None:
+            open_source(spec).add_inputs(reads, what)
+    reads.add(data, "the dataset")
+    check_report_path(path, reads)
 
 
 @app.command()
@@ -103,13 +124,19 @@ def convert(
         raise BadInput(f"--device {device!r} is unknown; use auto, cpu or cuda.")
     if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         raise BadInput(f"--dtype {dtype!r} is unknown; use auto, float32, bfloat16 or float16.")
-    if calib is not None:
-        from moefy.io.data import load_text
+    from moefy.io.data import load_text
 
-        load_text(calib)  # fail fast on a bad path, before any work
     parsed = load_recipe(recipe, set_)
+    gate_data = eval_dataset or (parsed.gates.dataset if parsed.gates else None)
+    for spec, what in ((calib, "--calib"), (gate_data, "--eval-dataset" if eval_dataset else "gates.dataset")):
+        if spec is not None:  # fail fast on a bad path, before any work
+            try:
+                load_text(spec)
+            except BadInput as exc:
+                raise BadInput(f"{what}: {exc}") from None
     record = run_convert(source, parsed, output, fmt=fmt, dtype=dtype, seed=seed, force=force, dry_run=dry_run,
-                         allow_inexact=allow_inexact, calib=calib, device=device)
+                         allow_inexact=allow_inexact, calib=calib, device=device, eval_dataset=eval_dataset,
+                         reports=(json_path,))
     if dry_run:
         out.print_json(json.dumps(record))
         return
@@ -151,6 +178,7 @@ def eval_(
 
     if max_windows is not None and max_windows < 1:
         raise BadInput(f"--max-windows {max_windows} must be at least 1.")
+    _check_json(json_path, {"the model": model, "the baseline": baseline}, dataset)
     report = evaluate(model, baseline=baseline, dataset=dataset, seq_len=seq_len, max_windows=max_windows,
                       batch_size=batch_size, backend=backend)
     print_eval(report)
@@ -217,6 +245,7 @@ def validate(
     """Check every MoE block and the whole model against the plain reference; exit 1 on mismatch."""
     from moefy.validate import validate as run_validate
 
+    _check_json(json_path, {"the model": model, "the source": source})
     report = run_validate(model, source=source, backend=backend)
     table = Table(title=f"validate {model} · backend {report['backend']} · {report['tokens']} tokens")
     for col in ("check", "max |Δ|", "max rel", "ok"):
@@ -254,7 +283,7 @@ def batch(
     if jobs < 1:
         raise BadInput(f"--jobs {jobs} must be at least 1.")
     started = time.perf_counter()
-    planned = load_manifest(manifest, resume)
+    planned = load_manifest(manifest, resume, reports=(json_path,))
     results = run_batch(planned, parallel=jobs, resume=resume)
     report = summary(manifest, results, time.perf_counter() - started)
     table = Table(title=f"batch {manifest} · {len(results)} jobs · {report['seconds']:.0f}s")
@@ -328,7 +357,14 @@ def _option_rows(table: Table, model, prefix: str) -> None:
             _option_rows(table, sub, f"{prefix}{name}.")
 
 
+def _terminate(signum, frame):
+    """SIGTERM (a CI runner's cancel, `kill`) ends a run the way Ctrl-C does: temp dirs removed, locks released."""
+    _state["signal"] = signum
+    raise KeyboardInterrupt
+
+
 def run() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except SystemExit as exc:

@@ -24,7 +24,8 @@ from moefy.export import FORMATS, choose_format
 from moefy.io.checkpoint import Checkpoint, open_source
 from moefy.io.layout import check_layout
 from moefy.io.overlap import prefetch
-from moefy.io.writer import ShardedWriter, atomic_output, check_output_path, parse_size
+from moefy.io.output import Inputs, atomic_output, check_output_path, check_report_path
+from moefy.io.writer import ShardedWriter, parse_size
 from moefy.moe.layer import DenseMLP, MoeLayer
 from moefy.progress import log, progress
 from moefy.recipe import Recipe
@@ -62,13 +63,37 @@ def plan_conversion(ckpt: Checkpoint, recipe: Recipe, fmt: str | None = None, al
     return transforms, info, plan, choose_format(fmt or recipe.output.format, info, plan, allow_inexact)
 
 
+def run_inputs(ckpt: Checkpoint, recipe: Recipe, transforms, calib: str | None,
+               eval_dataset: str | None = None) -> Inputs:
+    """Every path a conversion reads: what it must never write over, into or around."""
+    inputs = Inputs()
+    ckpt.add_inputs(inputs)
+    inputs.add(recipe.path, "the recipe")
+    inputs.add(calib or recipe.calibration.dataset, "the calibration data")
+    inputs.add(eval_dataset or (recipe.gates.dataset if recipe.gates else None), "the evaluation data")
+    for transform in transforms:
+        for option, path in transform.input_paths().items():
+            inputs.add(path, f"{option} of the recipe")
+    return inputs
+
+
 def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, dtype: str | None = None,
             seed: int = 0, force: bool = False, dry_run: bool = False, allow_inexact: bool = False,
-            calib: str | None = None, device: str = "auto") -> dict:
-    """Run the recipe on SOURCE and write OUT; returns the provenance record (moefy.json)."""
+            calib: str | None = None, device: str = "auto", eval_dataset: str | None = None,
+            inputs: Inputs | None = None, reports: tuple[Path | None, ...] = ()) -> dict:
+    """Run the recipe on SOURCE and write OUT; returns the provenance record (moefy.json).
+
+    `inputs` adds paths read by the caller (a batch's other jobs) to those OUT must keep clear of; `reports` are
+    files the caller will write afterwards (`--json`), checked against the inputs before any work."""
     started = time.perf_counter()
     ckpt = open_source(source)
     transforms, info, plan, choice = plan_conversion(ckpt, recipe, fmt, allow_inexact, seed)
+    reads = run_inputs(ckpt, recipe, transforms, calib, eval_dataset)
+    if inputs is not None:
+        reads.extend(inputs)
+    check_output_path(out, force, reads)
+    for report in reports:
+        check_report_path(report, reads)
     adapter = info.adapter
     out_dtype = dtype if dtype and dtype != "auto" else recipe.output.dtype
     out_dtype = source_dtype(ckpt) if out_dtype == "auto" else out_dtype
@@ -76,10 +101,10 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
         f"{choice.format.name} [{choice.reason}], {out_dtype}")
     calibration = _calibration(ckpt, info, transforms, recipe, calib, device, dry_run)
     if dry_run:
-        return {"dry_run": True, "format": choice.format.name, "format_reason": choice.reason, "plan": vars(plan)}
-    check_output_path(out, force, sources=[ckpt.path])
+        return {"dry_run": True, "format": choice.format.name, "format_reason": choice.reason, "plan": vars(plan),
+                "inputs": reads.as_json()}
     shard_bytes = parse_size(recipe.output.shard_size)
-    with atomic_output(out) as tmp:
+    with atomic_output(out, force, reads) as tmp:
         layer_stats = _write_model(ckpt, info, transforms, choice.format, tmp, out_dtype, shard_bytes, seed,
                                    calibration)
         finalized = {t.name: stats for t in transforms

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from moefy.errors import BadInput
 from moefy.transforms import TRANSFORMS, Transform
@@ -47,6 +47,11 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = CalibrationConfig()
     output: OutputConfig = OutputConfig()
     gates: GatesConfig | None = None
+    _path: Path | None = PrivateAttr(None)  # the YAML file it was read from
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
 
     @field_validator("transforms")
     @classmethod
@@ -127,7 +132,9 @@ def load_recipe(spec: str, overrides: list[str] = ()) -> Recipe:
             raise BadInput(f"--set {key}: no such place in recipe {path.name}. Keys are dotted paths, list "
                            f"items by index, e.g. transforms.0.slice.experts=32.") from None
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise BadInput(f"recipe {path}: {_describe(exc)}. Top-level keys: {', '.join(Recipe.model_fields)}.") \
             from None
+    recipe._path = path
+    return recipe

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import read_json, run_cli
 
 
 def _expect_bad(args, *needles):
@@ -85,15 +85,22 @@ def test_remainder_error(tiny, tmp_path):
                  "transforms.0.slice.experts=5", "--set", "transforms.0.slice.remainder=error"], "does not divide")
 
 
-def test_existing_out_needs_force(tiny, tmp_path):
+def test_existing_out_needs_force_and_force_replaces_only_moefy_outputs(tiny, tmp_path):
     src = tiny("llama")
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     _expect_bad(["convert", src, "-r", "mlpmoe", "-o", out], "already exists", "--force")
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", out, "--force"], "not a moefy output", "Move it away")
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", out, "--force", "--dry-run"], "not a moefy output")
     assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()  # an empty directory may be replaced
     assert run_cli("convert", src, "-r", "mlpmoe", "-o", out, "--force")[0] == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert run_cli("convert", src, "-r", "upcycle-8x2", "-o", out, "--force")[0] == 0  # a moefy output may too
+    assert read_json(out / "moefy.json")["recipe"]["name"] == "upcycle-8x2"
+    (out / "moefy.json").write_text("{}")  # not one moefy wrote
+    _expect_bad(["convert", src, "-r", "mlpmoe", "-o", out, "--force"], "not a moefy output")
+    assert (out / "config.json").is_file()
 
 
 def test_out_inside_source(tiny):

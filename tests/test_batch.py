@@ -62,10 +62,12 @@ def test_resume_skips_finished_jobs_and_redoes_changed_ones(two_jobs, tmp_path):
 
 def test_existing_out_needs_resume_or_force(two_jobs, tmp_path):
     (tmp_path / "out" / "slice").mkdir(parents=True)
+    (tmp_path / "out" / "slice" / "notes.txt").write_text("a user's file")
     code, _, err = run_cli("batch", two_jobs)
     assert code == 2 and "already exists" in err and "--resume" in err
     code, _, err = run_cli("batch", two_jobs, "--resume")
     assert code == 2 and "not a moefy output" in err
+    assert (tmp_path / "out" / "slice" / "notes.txt").read_text() == "a user's file"
 
 
 def test_a_failing_job_does_not_stop_the_others(tiny, tmp_path):
@@ -99,7 +101,7 @@ def test_manifest_problems_are_reported_together(tiny, tmp_path, text_file):
     assert code == 2 and "Traceback" not in err
     assert "7 problem(s)" in err, err
     for needle in ("jobs.0", "does not exist", "no-such-recipe", "jobs.2: colour: unknown key",
-                   "calibration data", "missing.txt", "also jobs.0's out", "experts"):
+                   "calibration data", "missing.txt", "is also jobs.0 (o1)'s out", "experts"):
         assert needle in err, needle
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5)) and not (tmp_path / "s.json").exists()
 

@@ -59,7 +59,8 @@ def test_kill_9_leaves_no_out_and_the_source_untouched(deep, tmp_path, point):
     _kill_when(deep, out, ready)
     assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "out"]
-    assert all(name.startswith(".out.moefy-tmp-") for name in leftovers), leftovers  # only a clearly named temp dir
+    # only a clearly named temp dir, and the lock file whose flock died with the process
+    assert all(name.startswith(".out.moefy-tmp-") or name == ".out.moefy-lock" for name in leftovers), leftovers
     assert digests(deep) == before
     assert run_cli("convert", deep, "-r", "mlpmoe", "-o", out)[0] == 0  # the next run succeeds and sweeps it up
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

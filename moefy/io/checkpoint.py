@@ -36,9 +36,10 @@ def cache_dir() -> Path:
 class Checkpoint:
     """A local HF model directory: its config, its weight files and lazy access to each tensor."""
 
-    def __init__(self, path: Path, origin: str | None = None):
+    def __init__(self, path: Path, origin: str | None = None, origin_file: Path | None = None):
         self.path = Path(path)
         self.origin = origin or str(path)
+        self.origin_file = origin_file  # the .gguf this directory was dequantized from
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise BadInput(f"{self.path} is not a model directory: it has no config.json. Pass a Hugging Face "
@@ -163,6 +164,11 @@ class Checkpoint:
             file.close()
         self._bin = None
 
+    def add_inputs(self, inputs, what: str = "the source") -> None:
+        """Register what this checkpoint is read from (its directory, the .gguf behind it) as a run's inputs."""
+        inputs.add(self.path, what)
+        inputs.add(self.origin_file, what)
+
     def has(self, name: str) -> bool:
         return name in self._locations
 
@@ -208,13 +214,13 @@ def open_source(source: str | Path | Checkpoint) -> Checkpoint:
         return source
     source = str(source)
     if source == "demo":
-        return Checkpoint(_materialize_demo(), origin="demo")
+        return Checkpoint(_materialize_demo(), origin="demo", origin_file=demo_gguf_path())
     path = Path(source).expanduser()
     if path.is_dir():
         return Checkpoint(path)
     if path.is_file():
         if path.suffix == ".gguf":
-            return Checkpoint(_materialize_gguf(path), origin=str(path))
+            return Checkpoint(_materialize_gguf(path), origin=str(path), origin_file=path)
         raise BadInput(f"{path} is a file, not a model directory. Pass the directory that holds config.json "
                        f"(or a .gguf file, a hub id, or `demo`).")
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):

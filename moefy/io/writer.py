@@ -1,17 +1,13 @@
-"""Write checkpoints: size-bounded safetensors shards with an index, into an atomic output dir."""
+"""Write checkpoints: size-bounded safetensors shards with an index (into the temp dir of `io.output`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from moefy.errors import BadInput
 from moefy.io.overlap import SerialWorker
 from moefy.io.safetensors_file import StreamingShard
 
@@ -91,62 +87,3 @@ class ShardedWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return names
-
-
-def check_output_path(out: Path, force: bool, sources: list[Path] = ()) -> None:
-    """Refuse to clobber an existing OUT without --force, or to write inside a source."""
-    out = Path(out)
-    for src in sources:
-        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-            raise BadInput(f"OUT {out} is inside the source checkpoint {src}. Choose an output path elsewhere.")
-    if out.exists() and not force:
-        raise BadInput(f"OUT {out} already exists. Pass --force to replace it, or choose another path.")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"the parent directory of OUT ({parent}) cannot be created ({exc.strerror}). Choose "
-                       f"another output path.") from None
-    if not os.access(parent, os.W_OK):
-        raise BadInput(f"the parent directory of OUT ({parent}) is not writable. Choose a writable location.")
-
-
-TEMP_MARK = ".moefy-tmp-"
-
-
-@contextmanager
-def atomic_output(out: Path):
-    """Yield a temp dir beside OUT; rename it to OUT only if the block finishes.
-
-    A failure or interrupt removes the temp dir, so no partial OUT is ever left behind.  A process
-    killed outright (kill -9, out of memory) cannot clean up: its temp dir, named
-    `.OUT.moefy-tmp-PID-…`, is removed by the next conversion to the same OUT once PID is gone.
-    """
-    out = Path(out)
-    parent = out.resolve().parent
-    for stale in parent.glob(f".{out.name}{TEMP_MARK}*"):
-        pid = stale.name.removeprefix(f".{out.name}{TEMP_MARK}").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_MARK}{os.getpid()}-", dir=parent))
-    try:
-        yield tmp
-        if out.exists():
-            trash = out.with_name(f".{out.name}.moefy-old-{os.getpid()}")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -101,6 +101,16 @@ class Transform:
         stored dtype: a bf16 checkpoint then never pays for fp32 copies (tested byte-identical)."""
         return False
 
+    @property
+    def exact(self) -> bool:
+        """The transform keeps the model's function in exact arithmetic (an identity regrouping, copies at init):
+        `convert` then requires the written model's fp32 logits to match the source's."""
+        return False
+
+    def input_paths(self) -> dict[str, str]:
+        """Files and checkpoints the options name (option → path): inputs a run never writes over."""
+        return {}
+
     def layer_generator(self, layer: int) -> torch.Generator:
         """Randomness for one layer: seeded by --seed and the layer, so a run is reproducible."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + layer)

@@ -138,6 +138,11 @@ class Slice(Transform):
     def only_rearranges(self) -> bool:
         return self.options.prune is None  # fade only chooses neurons; prune's compensation scales weights
 
+    @property
+    def exact(self) -> bool:
+        fade = self.options.fade
+        return self.options.prune is None and (fade is None or fade.target_removed == 0)
+
     def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
         if previous is not None:
             raise BadInput("slice must be the first transform of a recipe: it starts from the dense MLP.")

@@ -72,6 +72,14 @@ class Upcycle(Transform):
         return self.options.drop == 0 and self.options.shared != "copy"  # re-drawn neurons, halved copies
 
     @property
+    def exact(self) -> bool:
+        return self.options.drop == 0 and not any(self.options.sources)  # identical copies of the source's MLP
+
+    def input_paths(self) -> dict[str, str]:
+        named = {f"upcycle.sources.{i}": spec for i, spec in enumerate(self.options.sources) if spec is not None}
+        return {**named, **({"upcycle.prompts": self.options.prompts} if self.options.prompts else {})}
+
+    @property
     def needs_calibration(self) -> bool:
         return self.options.router == "kmeans"
 
@@ -191,7 +199,7 @@ class Upcycle(Transform):
                        router=rows.repeat_interleave(g, dim=0), shared=shared, bias=mlp.down_bias)
         moe.stats = {"copies": self.copies, "granularity": g, "router_init": o.router,
                      "dropped_neurons_per_copy": round(o.drop * routed.width),
-                     "exact_at_init": o.drop == 0 and all(s is None for s in self._sources)}
+                     "exact_at_init": self.exact}
         return moe
 
     def _split_shared(self, mlp: DenseMLP) -> tuple[DenseMLP | None, DenseMLP]:
