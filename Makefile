@@ -7,8 +7,11 @@ CALIB ?= ../shared/data/wikitext-2/valid.txt
 RECIPE ?= carve-50-distill
 WINDOWS ?= 40
 OUT ?= out/demo-$(RECIPE)
+# the lowest transformers pyproject.toml allows: `make test` also runs the fast suite on it
+OLDEST_VENV ?= .venv-oldest
+TRANSFORMERS_OLDEST := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 
-.PHONY: setup demo test bench bench-moe bench-carve bench-fit-router clean
+.PHONY: setup demo test test-fast test-oldest bench bench-moe bench-carve bench-fit-router clean
 
 setup: $(VENV)/.installed
 
@@ -25,8 +28,25 @@ demo: setup
 	$(BIN)/moefy convert demo -r $(RECIPE) -o $(OUT) --force --calib $(CALIB)
 	$(BIN)/moefy eval $(OUT) --baseline demo --dataset $(DATA) --max-windows $(WINDOWS)
 
+# the whole suite on the newest transformers the range allows, then the fast suite on the oldest
 test: setup
+	@$(BIN)/python -c "import transformers; print('transformers', transformers.__version__, '(newest allowed)')"
 	$(BIN)/python -m pytest
+	$(MAKE) test-oldest
+
+test-fast: setup  # everything but the `slow` tests (the real demo checkpoint)
+	$(BIN)/python -m pytest -m "not slow"
+
+$(OLDEST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[dev]" "transformers==$(TRANSFORMERS_OLDEST)"
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	@$(OLDEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__, '(oldest allowed)')"
+	$(OLDEST_VENV)/bin/python -m pytest -m "not slow"
 
 bench: setup
 	$(BIN)/python scripts/bench_convert.py
@@ -42,4 +62,4 @@ bench-fit-router: setup  # ~45 min on 2 cores: the fit_router table of docs/BENC
 	$(BIN)/python scripts/bench_fit_router.py --windows 40 --samples 16 --json docs/bench_fit_router.json
 
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out .pytest_cache $(OLDEST_VENV)

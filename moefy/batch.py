@@ -55,6 +55,7 @@ class Job(_Strict):
     seed: int = 0
     allow_inexact: bool = False
     force: bool = Field(False, description="replace an existing OUT that --resume would not skip")
+    skip_load_check: bool = Field(False, description="as `convert --skip-load-check`")
     eval: EvalSpec | None = None
 
     @property
@@ -186,7 +187,7 @@ def run_batch(jobs: list[Job], *, parallel: int, resume: bool) -> list[dict]:
     """Run the jobs (each in a fresh process); returns one result per job, in manifest order.
 
     Available memory is read once, before any job starts; running jobs count by their estimates."""
-    memory = _available_memory()
+    memory = available_memory()
     threads = max(1, (os.cpu_count() or 1) // parallel)
     context = multiprocessing.get_context("spawn")
     waiting = list(enumerate(jobs))
@@ -250,7 +251,8 @@ def estimate_peak_bytes(job: Job) -> int:
     return int(estimate)
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo, in bytes (unknown: practically unlimited)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -320,7 +322,7 @@ def run_job(job: Job, resume: bool) -> dict:
     status = "skipped" if record is not None else "done"
     if record is None:
         record = convert(job.source, recipe, out, fmt=job.format, dtype=job.dtype, seed=job.seed, force=True,
-                         allow_inexact=job.allow_inexact, calib=job.calib)
+                         allow_inexact=job.allow_inexact, calib=job.calib, load_check=not job.skip_load_check)
     gate_limit = job.eval.gates.max_delta_ppl_pct if job.eval else None
     if gate_limit is None and recipe.gates is not None:
         gate_limit = recipe.gates.max_delta_ppl_pct

@@ -114,6 +114,9 @@ def convert(
     allow_inexact: bool = typer.Option(False, "--allow-inexact", help="Allow a format that changes the function."),
     eval_dataset: Optional[str] = typer.Option(None, "--eval-dataset", help="Dataset for the recipe's gates."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the provenance record here too."),
+    skip_load_check: bool = typer.Option(False, "--skip-load-check",
+                                         help="Do not load OUT as a user will and compare its logits with the "
+                                              "source's before publishing it."),
 ):
     """Convert SOURCE with a recipe into an MoE checkpoint at OUT."""
     from moefy.convert import convert as run_convert
@@ -136,7 +139,7 @@ def convert(
                 raise BadInput(f"{what}: {exc}") from None
     record = run_convert(source, parsed, output, fmt=fmt, dtype=dtype, seed=seed, force=force, dry_run=dry_run,
                          allow_inexact=allow_inexact, calib=calib, device=device, eval_dataset=eval_dataset,
-                         reports=(json_path,))
+                         reports=(json_path,), load_check=not skip_load_check)
     if dry_run:
         out.print_json(json.dumps(record))
         return

@@ -80,11 +80,12 @@ def run_inputs(ckpt: Checkpoint, recipe: Recipe, transforms, calib: str | None,
 def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, dtype: str | None = None,
             seed: int = 0, force: bool = False, dry_run: bool = False, allow_inexact: bool = False,
             calib: str | None = None, device: str = "auto", eval_dataset: str | None = None,
-            inputs: Inputs | None = None, reports: tuple[Path | None, ...] = ()) -> dict:
+            inputs: Inputs | None = None, reports: tuple[Path | None, ...] = (), load_check: bool = True) -> dict:
     """Run the recipe on SOURCE and write OUT; returns the provenance record (moefy.json).
 
     `inputs` adds paths read by the caller (a batch's other jobs) to those OUT must keep clear of; `reports` are
-    files the caller will write afterwards (`--json`), checked against the inputs before any work."""
+    files the caller will write afterwards (`--json`), checked against the inputs before any work.  `load_check`
+    loads the written model as a user will before OUT is published (`moefy.loadcheck`)."""
     started = time.perf_counter()
     ckpt = open_source(source)
     transforms, info, plan, choice = plan_conversion(ckpt, recipe, fmt, allow_inexact, seed)
@@ -126,12 +127,25 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
                                                      calibration)
             log(f"inexact {choice.format.name} export: max |Δlogit| vs the exact native model "
                 f"{record['format']['gap']['max_abs_logit_diff']:.4g} on random prompts")
+        record["load_check"] = _load_check(tmp, ckpt, info, transforms, choice, out_dtype, seed) if load_check \
+            else {"skipped": True}
         record["summary"] = {k: v for k, v in summarize(tmp).items() if k != "provenance"}
         record["timing"] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             "convert_seconds": round(time.perf_counter() - started, 3), **_pop_timings(record)}
         write_record(tmp, record)
     log(f"wrote {out} in {record['timing']['convert_seconds']:.1f}s")
     return record
+
+
+def _load_check(out_dir: Path, ckpt: Checkpoint, info: SourceInfo, transforms, choice, dtype: str, seed: int) -> dict:
+    """`moefy.loadcheck` on the written model; exact when every transform and the format are, and the output
+    dtype rounds nothing the source stored."""
+    from moefy.loadcheck import check_as_loaded
+
+    lossless = dtype in ("float32", source_dtype(ckpt))
+    exact = choice.exact and lossless and all(t.exact for t in transforms)
+    return check_as_loaded(out_dir, ckpt.path, choice.format.name == "native", exact,
+                           int(info.adapter.setting(info.config, "vocab_size")), seed)
 
 
 def _pop_timings(node: dict, path: str = "") -> dict[str, float]:

@@ -9,6 +9,7 @@ import torch
 from moefy.arch.base import ACTIVATION_NAMES
 from moefy.errors import BadInput
 from moefy.io.checkpoint import open_source
+from moefy.io.layout import config_error
 from moefy.moe.modeling_moefy import MoeBlock, MoefyConfig, MoefyForCausalLM
 from moefy_kernels import BACKENDS, resolve_backend
 
@@ -90,8 +91,10 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = cls.from_pretrained(ckpt.path, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except OSError as exc:
         raise BadInput(f"{ckpt.path} could not be loaded as a causal LM ({exc}).") from None
+    except Exception as exc:  # noqa: BLE001 - a checkpoint whose layout was checked: what is left is its config
+        raise BadInput(f"{ckpt.path}: {config_error(ckpt.config, exc)}") from None
     model.to(device).eval()
     if isinstance(model, MoefyForCausalLM):
         model.set_backend(backend)
@@ -110,3 +113,5 @@ def load_tokenizer(spec):
     except (OSError, ValueError) as exc:
         raise BadInput(f"{ckpt.path} has no usable tokenizer ({exc}); copy the source's tokenizer files "
                        f"into it.") from None
+    except Exception as exc:  # noqa: BLE001 - AutoTokenizer reads config.json: a field transformers refuses
+        raise BadInput(f"{ckpt.path}: {config_error(ckpt.config, exc)}") from None

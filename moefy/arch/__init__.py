@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moefy.arch import gemma, gemma2, gemma3, gpt2, gpt_neox, granite, llama, mistral, olmo2, phi3, qwen2, qwen3
-from moefy.arch.base import ArchAdapter
+from moefy.arch.base import ACTIVATION_NAMES, ArchAdapter
 from moefy.errors import BadInput
 
 ADAPTERS: dict[str, ArchAdapter] = {
@@ -20,6 +20,28 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "qwen2": qwen2.ADAPTER,
     "qwen3": qwen3.ADAPTER,
 }
+
+
+SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
+
+
+def check_config(config: dict, where: str) -> None:
+    """The config fields moefy computes with, for any checkpoint it reads (dense, or an output whose
+    `base_model_type` names the family): positive integer sizes, a supported activation (BadInput naming the key)."""
+    adapter = ADAPTERS.get(config.get("base_model_type") or config.get("model_type"))
+    names = dict(adapter.config_keys) if adapter else {}
+    for key in SIZE_KEYS:
+        name = names.get(key, key)
+        value = config.get(name)
+        if name in config and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise BadInput(f"{where}: `{name}` is {value!r}; it must be a positive integer. Fix config.json (or "
+                           f"re-download the checkpoint).")
+    if adapter is not None:
+        try:
+            adapter.activation(config)
+        except ValueError as exc:
+            raise BadInput(f"{where}: `{adapter.activation_key}`: {exc}; moefy supports "
+                           f"{', '.join(sorted(ACTIVATION_NAMES))}. Fix config.json.") from None
 
 
 def adapter_for(config: dict, where: str = "the source") -> ArchAdapter:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from moefy.arch import check_config
 from moefy.errors import BadInput
 from moefy.io.overlap import prefetch
 from moefy.io.safetensors_file import SafetensorsFile
@@ -48,6 +49,10 @@ class Checkpoint:
             self.config: dict = json.loads(config_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BadInput(f"{config_path} is not valid JSON ({exc}). Fix or re-download the checkpoint.") from None
+        if not isinstance(self.config, dict):
+            raise BadInput(f"{config_path} is not a JSON object (it holds a {type(self.config).__name__}). Fix or "
+                           f"re-download the checkpoint.")
+        check_config(self.config, str(config_path))
         self._files: dict[Path, SafetensorsFile] = {}  # headers read once; files opened on first read
         self._locations = self._index_weights()
         self._stored_names: dict[str, str] = {}  # name → name in the file, where `add_prefix` renamed it

@@ -21,13 +21,28 @@ def meta_model(config: dict, attn_implementation: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}
-    hf_config = AutoConfig.for_model(**fields)
-    if attn_implementation is not None:
-        hf_config._attn_implementation = attn_implementation
-    hf_config.use_cache = False
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            hf_config = AutoConfig.for_model(**fields)
+            if attn_implementation is not None:
+                hf_config._attn_implementation = attn_implementation
+            hf_config.use_cache = False
+            return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    except Exception as exc:  # noqa: BLE001 - from the config alone: every refusal is the config's (strict fields)
+        raise BadInput(config_error(config, exc)) from None
+
+
+def config_error(config: dict, exc: Exception) -> str:
+    """One paragraph for a config transformers refuses (strict field validation, a value its code cannot use),
+    naming the config key the error names."""
+    import transformers
+
+    text = " ".join(str(exc).split())
+    named = [key for key in config if re.search(rf"\b{re.escape(key)}\b", text)]
+    where = f"`{named[0]}`" if named else "a field"
+    return (f"config.json ({config.get('model_type')}): {where} is not what transformers {transformers.__version__} "
+            f"accepts ({type(exc).__name__}: {text[:300]}). Fix that field of config.json.")
 
 
 def check_layout(ckpt: Checkpoint, tied_head: str) -> None:

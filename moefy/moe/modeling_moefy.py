@@ -218,6 +218,26 @@ def _dense_masked_moe(x, logits, w13, w2, top_k, *, scoring, combine, activation
     return y.to(x.dtype)
 
 
+def _base_renames(config: MoefyConfig) -> dict[str, str]:
+    """The renames (regex → replacement) transformers applies when it loads the base family's dense causal LM,
+    e.g. GPT-NeoX's `embed_out.` → `lm_head.` from 5.24 on; empty where it has none (or no such registry)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # pragma: no cover - a transformers without load-time conversions renames nothing
+        return {}
+    dense_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.base_config())]
+    for key in (dense_cls.__name__, config.base_model_type):
+        renames = {}
+        for transform in get_checkpoint_conversion_mapping(key) or []:
+            if type(transform).__name__ == "WeightRenaming":
+                sources, targets = ([p] if isinstance(p, str) else list(p)
+                                    for p in (transform.source_patterns, transform.target_patterns))
+                renames.update(zip(sources, targets * len(sources)))
+        if renames:
+            return renames
+    return {}
+
+
 class MoefyForCausalLM(PreTrainedModel, GenerationMixin):
     """The source architecture's causal LM, built from the stored base config, with MoE MLPs."""
 
@@ -245,6 +265,18 @@ class MoefyForCausalLM(PreTrainedModel, GenerationMixin):
         for index, spec in config.moe_layers.items():
             setattr(layers[int(index)], config.mlp_attr, MoeBlock(base_config.hidden_size, spec, dtype))
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        """Load with the base family's checkpoint renames: the files keep the source's tensor names, which the
+        installed transformers may have renamed in its dense class (and maps on load for that class only)."""
+        if not isinstance(config, MoefyConfig):
+            config = MoefyConfig.from_pretrained(pretrained_model_name_or_path, **{
+                k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs})
+        renames = _base_renames(config)
+        if renames and kwargs.get("key_mapping") is None:
+            kwargs["key_mapping"] = renames
+        return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
     def _init_weights(self, module):
         if isinstance(module, MoeBlock):
