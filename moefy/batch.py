@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moefy.errors import BadInput, MoefyError
 from moefy.io.output import Inputs, check_report_path
+from moefy.io.yaml_file import load_yaml
 from moefy.progress import log
 
 GIB = 2**30
@@ -69,12 +69,7 @@ class Job(_Strict):
 def load_manifest(path: Path, resume: bool, reports: tuple[Path | None, ...] = ()) -> list[Job]:
     """Every job of the manifest, defaults applied and each planned; all problems raised together (BadInput).
     `reports` are files the batch writes at the end (`--json`)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise BadInput(f"manifest {path} does not exist. Pass a YAML file with a `jobs:` list.") from None
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise BadInput(f"manifest {path} could not be read as YAML ({exc}).") from None
+    data = load_yaml(Path(path), "manifest")
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list) or not data["jobs"]:
         raise BadInput(f"manifest {path} must be a mapping with a non-empty `jobs:` list (and optional `defaults:`).")
     unknown = sorted(set(data) - {"defaults", "jobs"})
@@ -159,7 +154,10 @@ def _plan_problems(job: Job, resume: bool) -> tuple[list[str], Inputs]:
     from moefy.io.data import load_text
     from moefy.recipe import load_recipe
 
-    problems, inputs = [], Inputs()
+    problems, inputs = [], Inputs()  # what the job names directly, even when its plan fails below
+    for spec, what in ((job.source, "the source"), (job.recipe, "the recipe"), (job.calib, "the calibration data"),
+                       (job.eval.dataset if job.eval else None, "the evaluation data")):
+        inputs.add(spec, what)
     out = Path(job.out)
     if out.exists() and not job.force and not resume:
         problems.append(f"out {job.out} already exists: run with --resume to skip finished jobs, or set "
@@ -168,8 +166,9 @@ def _plan_problems(job: Job, resume: bool) -> tuple[list[str], Inputs]:
         recipe = load_recipe(job.recipe, job.overrides())
         plan = convert(job.source, recipe, out, fmt=job.format, dtype=job.dtype, seed=job.seed, force=True,
                        dry_run=True, allow_inexact=job.allow_inexact, calib=job.calib,
-                       eval_dataset=job.eval.dataset if job.eval else None)
-        inputs = Inputs.from_json(plan["inputs"])
+                       eval_dataset=job.eval.dataset if job.eval else None,
+                       eval_seq_len=job.eval.seq_len if job.eval else None)
+        inputs.extend(Inputs.from_json(plan["inputs"]))
     except MoefyError as exc:
         problems.append(str(exc))
     for spec, what in ((job.calib, "calib"), (job.eval.dataset if job.eval else None, "eval.dataset")):
@@ -355,6 +354,9 @@ def _finished_record(job: Job, recipe) -> dict | None:
         record = json.loads((Path(job.out) / "moefy.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if not _files_match(Path(job.out), record):
+        log(f"{job.out}'s weight files are missing or differ from those its moefy.json records: converting again")
+        return None
     same = (record.get("recipe") == recipe.model_dump(mode="json") and record.get("seed") == job.seed
             and (job.format in (None, "auto") or record.get("format", {}).get("name") == job.format)
             and (job.dtype in (None, "auto") or record.get("dtype") == job.dtype)
@@ -364,6 +366,17 @@ def _finished_record(job: Job, recipe) -> dict | None:
         return None
     log(f"{job.out} is already this conversion (same source hash, recipe and seed): skipped")
     return record
+
+
+def _files_match(out: Path, record: dict) -> bool:
+    """OUT's weight files exist and hash to the `output_sha256` its record holds (an older record has none)."""
+    from moefy.io.checkpoint import Checkpoint
+
+    recorded = record.get("output_sha256")
+    try:
+        return isinstance(recorded, dict) and Checkpoint(out).weights_sha256 == recorded
+    except MoefyError:
+        return False
 
 
 def _recorded_eval(record: dict, spec: EvalSpec) -> dict | None:

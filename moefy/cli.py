@@ -107,7 +107,7 @@ def convert(
     fmt: Optional[str] = typer.Option(None, "--format", help="auto|native|mixtral|qwen2_moe|qwen3_moe|granitemoe|"
                                                             "granitemoeshared (`moefy recipes` lists them)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|float32|bfloat16|float16."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed of every random choice (0 … 2³²−1)."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (for calibration-based transforms)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and plan; write nothing."),
@@ -125,12 +125,19 @@ def convert(
 
     if device not in ("auto", "cpu", "cuda"):
         raise BadInput(f"--device {device!r} is unknown; use auto, cpu or cuda.")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BadInput("--device cuda: this machine has no CUDA GPU that torch can use (the CPU build of torch, "
+                           "or no driver). Use --device cpu or auto.")
     if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         raise BadInput(f"--dtype {dtype!r} is unknown; use auto, float32, bfloat16 or float16.")
     from moefy.io.data import load_text
 
     parsed = load_recipe(recipe, set_)
-    gate_data = eval_dataset or (parsed.gates.dataset if parsed.gates else None)
+    gates = parsed.gates if parsed.gates and parsed.gates.max_delta_ppl_pct is not None else None
+    gate_data = (eval_dataset or gates.dataset) if gates else None
     for spec, what in ((calib, "--calib"), (gate_data, "--eval-dataset" if eval_dataset else "gates.dataset")):
         if spec is not None:  # fail fast on a bad path, before any work
             try:
@@ -138,7 +145,8 @@ def convert(
             except BadInput as exc:
                 raise BadInput(f"{what}: {exc}") from None
     record = run_convert(source, parsed, output, fmt=fmt, dtype=dtype, seed=seed, force=force, dry_run=dry_run,
-                         allow_inexact=allow_inexact, calib=calib, device=device, eval_dataset=eval_dataset,
+                         allow_inexact=allow_inexact, calib=calib, device=device, eval_dataset=gate_data,
+                         eval_seq_len=gates.seq_len if gate_data else None,
                          reports=(json_path,), load_check=not skip_load_check)
     if dry_run:
         out.print_json(json.dumps(record))

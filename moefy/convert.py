@@ -8,6 +8,7 @@ one output shard, whatever the model's size.  Output goes to a temp dir renamed 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 import moefy
-from moefy.arch import adapter_for
+from moefy.arch import adapter_for, max_positions
 from moefy.calib import Calibration, load_calibration, text_runner
 from moefy.errors import BadInput, CheckFailed
 from moefy.export import FORMATS, choose_format
@@ -37,7 +38,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 def source_dtype(ckpt: Checkpoint) -> str:
     name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
-    if name in TORCH_DTYPES:
+    if isinstance(name, str) and name in TORCH_DTYPES:  # else (absent, or not a name): what the weights are
         return name
     first = ckpt.get(ckpt.tensor_names[0]).dtype
     return {v: k for k, v in TORCH_DTYPES.items()}.get(first, "float32")
@@ -80,9 +81,11 @@ def run_inputs(ckpt: Checkpoint, recipe: Recipe, transforms, calib: str | None,
 def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, dtype: str | None = None,
             seed: int = 0, force: bool = False, dry_run: bool = False, allow_inexact: bool = False,
             calib: str | None = None, device: str = "auto", eval_dataset: str | None = None,
-            inputs: Inputs | None = None, reports: tuple[Path | None, ...] = (), load_check: bool = True) -> dict:
+            eval_seq_len: int | None = None, inputs: Inputs | None = None, reports: tuple[Path | None, ...] = (),
+            load_check: bool = True) -> dict:
     """Run the recipe on SOURCE and write OUT; returns the provenance record (moefy.json).
 
+    `eval_dataset` / `eval_seq_len` describe the evaluation the caller runs afterwards (checked up front);
     `inputs` adds paths read by the caller (a batch's other jobs) to those OUT must keep clear of; `reports` are
     files the caller will write afterwards (`--json`), checked against the inputs before any work.  `load_check`
     loads the written model as a user will before OUT is published (`moefy.loadcheck`)."""
@@ -95,11 +98,16 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
     check_output_path(out, force, reads)
     for report in reports:
         check_report_path(report, reads)
+    limit = max_positions(ckpt.config)
+    if eval_seq_len is not None and limit is not None and eval_seq_len > limit:
+        raise BadInput(f"the evaluation after converting uses windows of {eval_seq_len} tokens (the gate's or job's "
+                       f"seq_len), longer than {ckpt.origin} can take ({limit} positions). Set it to {limit} or less.")
     adapter = info.adapter
     out_dtype = dtype if dtype and dtype != "auto" else recipe.output.dtype
     out_dtype = source_dtype(ckpt) if out_dtype == "auto" else out_dtype
     log(f"source {ckpt.origin} ({adapter.model_type}, {adapter.num_layers(ckpt.config)} layers) → "
         f"{choice.format.name} [{choice.reason}], {out_dtype}")
+    _check_room(ckpt, info, plan, out_dtype, out)
     calibration = _calibration(ckpt, info, transforms, recipe, calib, device, dry_run)
     if dry_run:
         return {"dry_run": True, "format": choice.format.name, "format_reason": choice.reason, "plan": vars(plan),
@@ -129,12 +137,49 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
                 f"{record['format']['gap']['max_abs_logit_diff']:.4g} on random prompts")
         record["load_check"] = _load_check(tmp, ckpt, info, transforms, choice, out_dtype, seed) if load_check \
             else {"skipped": True}
+        record["output_sha256"] = Checkpoint(tmp).weights_sha256  # `batch --resume` trusts only these bytes
         record["summary"] = {k: v for k, v in summarize(tmp).items() if k != "provenance"}
         record["timing"] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             "convert_seconds": round(time.perf_counter() - started, 3), **_pop_timings(record)}
         write_record(tmp, record)
     log(f"wrote {out} in {record['timing']['convert_seconds']:.1f}s")
     return record
+
+
+def planned_bytes(ckpt: Checkpoint, info: SourceInfo, plan: LayerPlan, dtype: str) -> tuple[int, int]:
+    """(bytes OUT will take, bytes of one MoE layer in fp32), from the headers and the plan alone."""
+    adapter, config = info.adapter, info.config
+    mlp_names = {name for layer in range(adapter.num_layers(config))
+                 for name in adapter.mlp_weight_names(layer, config).values()}
+    other = sum(math.prod(ckpt.shape(n)) for n in ckpt.tensor_names if n not in mlp_names)
+    rows = 3 if adapter.gated else 2
+    neurons = plan.num_experts * plan.expert_width if plan.expert_width else info.mlp_width
+    moe = neurons * rows * info.hidden_size + plan.num_experts * info.hidden_size  # experts + router
+    moe += info.mlp_width * rows * info.hidden_size if plan.shared else 0  # a shared expert: at most the MLP
+    dense = info.mlp_width * rows * info.hidden_size
+    layers = adapter.num_layers(config)
+    moe_layers = layers - len([i for i in plan.dense_layers if 0 <= i < layers])
+    size = TORCH_DTYPES[dtype].itemsize
+    return size * (other + moe_layers * moe + (layers - moe_layers) * dense), 4 * moe
+
+
+def _check_room(ckpt: Checkpoint, info: SourceInfo, plan: LayerPlan, dtype: str, out: Path) -> None:
+    """Refuse up front a plan whose output cannot fit on OUT's disk, or one of whose layers cannot fit in memory."""
+    from moefy.batch import available_memory
+
+    total, layer = planned_bytes(ckpt, info, plan, dtype)
+    parent = Path(out).resolve().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if total > free:
+        raise BadInput(f"this plan ({plan.num_experts:,} experts per MoE layer) writes about {total / 1e9:,.1f} GB, "
+                       f"but {existing} has {free / 1e9:,.1f} GB free. Free space, write OUT elsewhere, or plan "
+                       f"fewer or narrower experts.")
+    memory = available_memory()
+    if 2 * layer > memory:  # a layer's MoE is built from the dense MLP and copied once on its way out
+        raise BadInput(f"one MoE layer of this plan ({plan.num_experts:,} experts) takes about {layer / 2**30:,.1f} "
+                       f"GiB in float32, twice that while it is built, and this machine has "
+                       f"{memory / 2**30:,.1f} GiB available. Plan fewer or narrower experts.")
 
 
 def _load_check(out_dir: Path, ckpt: Checkpoint, info: SourceInfo, transforms, choice, dtype: str, seed: int) -> dict:
@@ -162,7 +207,7 @@ def _pop_timings(node: dict, path: str = "") -> dict[str, float]:
 
 def _calibration(ckpt: Checkpoint, info: SourceInfo, transforms, recipe: Recipe, calib: str | None, device: str,
                  dry_run: bool) -> Calibration | None:
-    """Calibration tokens when a transform needs them (checked, not tokenized, on a dry run)."""
+    """Calibration tokens when a transform needs them (tokenized and checked on a dry run too, then dropped)."""
     users = [t.name for t in transforms if t.needs_calibration]
     spec = calib or recipe.calibration.dataset
     if not users:
@@ -173,6 +218,10 @@ def _calibration(ckpt: Checkpoint, info: SourceInfo, transforms, recipe: Recipe,
         raise BadInput(f"{', '.join(users)} needs calibration data: pass --calib FILE (.txt/.raw/.jsonl/hf:...) or "
                        f"set calibration.dataset in the recipe.")
     c = recipe.calibration
+    limit = max_positions(ckpt.config)
+    if limit is not None and c.seq_len > limit:
+        raise BadInput(f"calibration.seq_len {c.seq_len} is longer than {ckpt.origin} can take ({limit} positions, "
+                       f"max_position_embeddings in its config.json). Set calibration.seq_len to {limit} or less.")
     for transform in transforms:
         need = transform.min_calibration_tokens(info)
         if c.samples * c.seq_len < need:
@@ -182,12 +231,12 @@ def _calibration(ckpt: Checkpoint, info: SourceInfo, transforms, recipe: Recipe,
         if c.samples < transform.min_calibration_samples():
             raise BadInput(f"{transform.name} needs at least {transform.min_calibration_samples()} calibration "
                            f"samples, the recipe gives {c.samples}. Raise calibration.samples.")
-    if dry_run:
-        return None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     calibration = load_calibration(ckpt, spec, c.samples, c.seq_len, mode=c.mode, batch_size=c.batch_size,
-                                   device=device)
+                                   device=device)  # tokenizing only: a dry run checks the data as a run does
+    if dry_run:
+        return None
     log(f"calibration: {c.samples} × {c.seq_len} tokens of {calibration.record['dataset']} ({c.mode}, {device})")
     return calibration
 

@@ -7,12 +7,25 @@ import time
 
 import torch
 
-from moefy.errors import BadInput
+from moefy.arch import max_positions
+from moefy.errors import BadInput, CheckFailed
 from moefy.io.data import TextData, load_text
 from moefy.io.checkpoint import open_source
 from moefy.loading import checked_backend, load_model, load_tokenizer
 from moefy.progress import log, progress
 from moefy.summary import summarize
+
+
+def _vocab_size(ckpt) -> int | None:
+    return ckpt.config.get("vocab_size")
+
+
+def _check_fits(ckpt, seq_len: int, what: str) -> None:
+    """Windows no longer than the model's positions (a longer one would index past its position table)."""
+    limit = max_positions(ckpt.config)
+    if limit is not None and seq_len > limit:
+        raise BadInput(f"--seq-len {seq_len} is longer than {what} {ckpt.origin} can take ({limit} positions, "
+                       f"max_position_embeddings in its config.json). Use --seq-len {limit} or less.")
 
 
 def token_windows(tokenizer, data: TextData, seq_len: int, max_windows: int | None) -> torch.Tensor:
@@ -25,6 +38,13 @@ def token_windows(tokenizer, data: TextData, seq_len: int, max_windows: int | No
     return torch.tensor(ids[: windows * seq_len]).view(windows, seq_len)
 
 
+def _check_ids(windows: torch.Tensor, ckpt, name: str) -> None:
+    vocab = _vocab_size(ckpt)
+    if isinstance(vocab, int) and int(windows.max()) >= vocab:
+        raise BadInput(f"the tokenizer of {name} produces token id {int(windows.max())}, but its model has only "
+                       f"{vocab} embeddings (vocab_size in config.json). Its tokenizer files do not belong to it.")
+
+
 @torch.inference_mode()
 def perplexity(model, windows: torch.Tensor, batch_size: int, label: str = "eval") -> dict:
     nll, count, elapsed = 0.0, 0, 0.0
@@ -35,9 +55,14 @@ def perplexity(model, windows: torch.Tensor, batch_size: int, label: str = "eval
             t0 = time.perf_counter()
             logits = model(input_ids=batch).logits
             elapsed += time.perf_counter() - t0
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                     batch[:, 1:].reshape(-1), reduction="sum")
-            nll += float(loss)
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch[:, 1:],
+                                                       reduction="none").sum(-1)
+            bad = (~torch.isfinite(losses)).nonzero()
+            if len(bad):
+                raise CheckFailed(f"{label}: the loss of window {start + int(bad[0])} is not a finite number "
+                                  f"({float(losses[bad[0]])}): the model computes NaN or Inf on it. Check its "
+                                  f"weights (`moefy validate`) and dtype.")
+            nll += float(losses.sum())
             count += batch[:, 1:].numel()
             advance(batch.shape[0])
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": int(windows.numel()),
@@ -55,7 +80,9 @@ def evaluate(model_spec: str, *, baseline: str | None, dataset: str, seq_len: in
     report = {"model": str(model_spec), "baseline": baseline, "dataset": data.name, "dataset_sha256": data.sha256,
               "seq_len": seq_len, "backend": backend}
     ckpt = open_source(model_spec)  # opened once for tokenizer, weights and parameter accounting
+    _check_fits(ckpt, seq_len, "MODEL")
     windows = token_windows(load_tokenizer(ckpt), data, seq_len, max_windows)
+    _check_ids(windows, ckpt, model_spec)
     log(f"evaluating {model_spec} on {windows.shape[0]} windows × {seq_len} tokens")
     result = perplexity(load_model(ckpt, backend=backend), windows, batch_size, label="model")
     summary = summarize(ckpt)
@@ -66,6 +93,12 @@ def evaluate(model_spec: str, *, baseline: str | None, dataset: str, seq_len: in
                    "baseline_ppl": None, "delta_pct": None, "baseline_tokens_per_s": None, "tokenizers_agree": None})
     if baseline is not None:
         base_ckpt = open_source(baseline)
+        _check_fits(base_ckpt, seq_len, "--baseline")
+        vocab, base_vocab = _vocab_size(ckpt), _vocab_size(base_ckpt)
+        if vocab != base_vocab:
+            raise BadInput(f"--baseline {baseline} has a vocabulary of {base_vocab} tokens and {model_spec} one of "
+                           f"{vocab}: their perplexities are not comparable. Pass the source the model was "
+                           f"converted from.")
         base_windows = token_windows(load_tokenizer(base_ckpt), data, seq_len, max_windows)
         report["tokenizers_agree"] = torch.equal(base_windows, windows)
         if not report["tokenizers_agree"]:  # e.g. transformers picks a family tokenizer class by model_type

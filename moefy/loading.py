@@ -84,6 +84,9 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
     backend = checked_backend(backend, device)
     _register_with_transformers()
     if ckpt.config.get("model_type") == MoefyConfig.model_type:
+        from moefy.export import FORMATS
+
+        FORMATS["native"].block_specs(ckpt.config)  # an edited spec is the user's to fix, named
         cls = MoefyForCausalLM
     else:
         cls = AutoModelForCausalLM

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from moefy.errors import BadInput
+from moefy.io.yaml_file import load_yaml
 from moefy.transforms import TRANSFORMS, Transform
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -31,6 +32,19 @@ class OutputConfig(_Strict):
     format: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     shard_size: str | int = "2GB"
+
+    @field_validator("shard_size")
+    @classmethod
+    def _a_size(cls, value):
+        from moefy.io.writer import parse_size
+
+        try:
+            size = parse_size(value)
+        except (ValueError, OverflowError):
+            size = None
+        if isinstance(value, bool) or size is None or size < 1:
+            raise ValueError(f"{value!r} is not a size: give bytes or a number with KB/MB/GB/KiB/MiB/GiB, e.g. 2GB")
+        return value
 
 
 class GatesConfig(_Strict):
@@ -107,6 +121,20 @@ def _set_key(data: dict, dotted: str, value: Any) -> None:
         node[last] = value
 
 
+def _validated(data: dict, where: str) -> Recipe:
+    """The recipe of `data`, its transforms' options validated too; BadInput names `where` (the file, or `--set`
+    when the file alone was valid)."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise BadInput(f"{where}: {_describe(exc)}. Top-level keys: {', '.join(Recipe.model_fields)}.") from None
+    try:
+        recipe.build_transforms(0)
+    except BadInput as exc:
+        raise BadInput(f"{where}: {exc}") from None
+    return recipe
+
+
 def load_recipe(spec: str, overrides: list[str] = ()) -> Recipe:
     """Load a recipe by path or built-in name and apply `--set KEY=VALUE` overrides (YAML values)."""
     path = Path(spec)
@@ -116,25 +144,24 @@ def load_recipe(spec: str, overrides: list[str] = ()) -> Recipe:
             raise BadInput(f"recipe {spec!r} is neither a file nor a built-in recipe. Built-in recipes: "
                            f"{', '.join(builtins)} (see `moefy recipes`).")
         path = builtins[spec]
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise BadInput(f"recipe {path} is not valid YAML ({exc}).") from None
+    data = load_yaml(path, "recipe")
     if not isinstance(data, dict):
         raise BadInput(f"recipe {path} must be a YAML mapping with a `transforms:` list.")
+    _validated(data, f"recipe {path}")
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise BadInput(f"--set {item!r} must look like KEY=VALUE, e.g. transforms.0.slice.experts=32.")
         try:
-            _set_key(data, key, yaml.safe_load(raw))
-        except (KeyError, IndexError, ValueError, TypeError):
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise BadInput(f"--set {key}: the value {raw!r} is not valid YAML ({' '.join(str(exc).split())[:120]})."
+                           f" Quote strings, e.g. --set name='\"my recipe\"'.") from None
+        try:
+            _set_key(data, key, value)
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError):
             raise BadInput(f"--set {key}: no such place in recipe {path.name}. Keys are dotted paths, list "
                            f"items by index, e.g. transforms.0.slice.experts=32.") from None
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise BadInput(f"recipe {path}: {_describe(exc)}. Top-level keys: {', '.join(Recipe.model_fields)}.") \
-            from None
+    recipe = _validated(data, f"--set {' '.join(overrides)} (on recipe {path})" if overrides else f"recipe {path}")
     recipe._path = path
     return recipe

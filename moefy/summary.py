@@ -34,7 +34,11 @@ def summarize(source: Path | Checkpoint) -> dict:
             params_total += sum(t.numel() for t in ckpt._load_bin(shard).values())
     if model_type in FORMAT_OF_MODEL_TYPE:
         fmt = FORMAT_OF_MODEL_TYPE[model_type]
-        specs = FORMATS[fmt].block_specs(config)
+        try:
+            specs = FORMATS[fmt].block_specs(config)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a standard config missing its MoE fields
+            raise BadInput(f"{ckpt.path}/config.json does not describe a {fmt} model ({type(exc).__name__}: {exc}). "
+                           f"It was edited or is incomplete; convert it again.") from None
         architecture = config.get("base_model_type", model_type)
     elif model_type in ADAPTERS:
         fmt, specs, architecture = "dense", {}, model_type
@@ -87,7 +91,11 @@ def _provenance(path: Path) -> dict | None:
     record_path = path / "moefy.json"
     if not record_path.is_file():
         return None
-    record = json.loads(record_path.read_text())
-    return {"recipe": record["recipe"]["name"], "source": record["source"]["origin"],
-            "format_reason": record["format"]["reason"], "exact_format": record["format"]["exact"],
-            "moefy_version": record["moefy_version"]}
+    try:
+        record = json.loads(record_path.read_text())
+        return {"recipe": record["recipe"]["name"], "source": record["source"]["origin"],
+                "format_reason": record["format"]["reason"], "exact_format": record["format"]["exact"],
+                "moefy_version": record["moefy_version"]}
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BadInput(f"{record_path} is not a moefy record ({type(exc).__name__}: {exc}): it was edited or "
+                       f"damaged. Restore it, or convert again.") from None

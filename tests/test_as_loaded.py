@@ -141,7 +141,7 @@ def test_a_wrong_config_field_is_bad_input_naming_the_key(sources, tmp_path, key
         code, _, err = run_cli("convert", src, "-r", "mlpmoe", "-o", tmp_path / "out", *extra)
         assert code == 2 and f"`{key}`" in err and "config.json" in err, err
         assert "internal error" not in err and "Traceback" not in err
-    code, _, err = run_cli("eval", src, "--dataset", src / "config.json", "--max-windows", "1")
+    code, _, err = run_cli("eval", src, "--dataset", src / "config.json", "--max-windows", "1", "--seq-len", "64")
     assert code == 2 and f"`{key}`" in err, err
     code, _, err = run_cli("inspect", src)  # it describes what it computes with: sizes and activation
     assert (code == 2 and f"`{key}`" in err) if key in SIZE_KEYS + ("hidden_act",) else code == 0, err

@@ -49,7 +49,8 @@ def test_jsonl_dataset(tiny, tmp_path):
 def test_gate_passes_for_identity_and_is_recorded(tiny, tmp_path, text_file):
     src = tiny("llama")
     out = tmp_path / "out"
-    code, stdout, err = run_cli("convert", src, "-r", "mlpmoe", "-o", out, "--eval-dataset", text_file)
+    code, stdout, err = run_cli("convert", src, "-r", "mlpmoe", "-o", out, "--eval-dataset", text_file,
+                                "--set", "gates.seq_len=128")  # the tiny model takes 256 positions
     assert code == 0, err
     assert "Δ ppl" in stdout  # the measured table is shown, not only the verdict
     record = read_json(out / "moefy.json")
@@ -60,7 +61,7 @@ def test_gate_passes_for_identity_and_is_recorded(tiny, tmp_path, text_file):
 def test_missed_gate_exits_1_and_keeps_output(tiny, tmp_path, text_file):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("transforms: [{slice: {experts: 8, prune: {branches: 4}}}]\n"
-                      "gates: {max_delta_ppl_pct: -50}\n")
+                      "gates: {max_delta_ppl_pct: -50, seq_len: 128}\n")
     out = tmp_path / "out"
     code, _, err = run_cli("convert", tiny("llama"), "-r", recipe, "-o", out, "--eval-dataset", text_file)
     assert code == 1 and "gate" in err

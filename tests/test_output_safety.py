@@ -97,7 +97,7 @@ def test_batch_writes_keep_clear_of_every_jobs_inputs(world, tmp_path):
             {"source": str(other), "recipe": "mlpmoe", "out": str(tmp_path / "a" / "nested")},
             {"source": str(other), "recipe": "mlpmoe", "out": str(world / "data" / "calib")},  # its log: an input
             {"source": str(src), "recipe": "carve-50", "calib": str(world / "data" / "calib.log"),
-             "out": str(tmp_path / "c")}]
+             "out": str(tmp_path / "c"), "set": {"calibration.seq_len": 512}}]  # also fails to plan: too long
     (world / "data" / "calib.log").write_text("The quick brown fox. " * 300)
     try:
         manifest = tmp_path / "m.yaml"

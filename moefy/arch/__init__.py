@@ -28,6 +28,10 @@ SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_siz
 def check_config(config: dict, where: str) -> None:
     """The config fields moefy computes with, for any checkpoint it reads (dense, or an output whose
     `base_model_type` names the family): positive integer sizes, a supported activation (BadInput naming the key)."""
+    for key in ("model_type", "base_model_type"):
+        if key in config and not isinstance(config[key], str):
+            raise BadInput(f"{where}: `{key}` is {config[key]!r}; it must be a model type name such as \"llama\". "
+                           f"Fix config.json.")
     adapter = ADAPTERS.get(config.get("base_model_type") or config.get("model_type"))
     names = dict(adapter.config_keys) if adapter else {}
     for key in SIZE_KEYS:
@@ -42,6 +46,12 @@ def check_config(config: dict, where: str) -> None:
         except ValueError as exc:
             raise BadInput(f"{where}: `{adapter.activation_key}`: {exc}; moefy supports "
                            f"{', '.join(sorted(ACTIVATION_NAMES))}. Fix config.json.") from None
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest sequence the model's position table takes (None: its config does not say)."""
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
 def adapter_for(config: dict, where: str = "the source") -> ArchAdapter:

@@ -103,6 +103,8 @@ class ArchAdapter:
 
     def activation(self, config: dict) -> str:
         act = config.get(self.activation_key, "silu")
+        if not isinstance(act, str):
+            raise ValueError(f"activation {act!r} of {self.model_type} is not a name")
         act = dict(self.activation_aliases).get(act, act)
         if act not in ACTIVATION_NAMES:
             raise ValueError(f"activation {act!r} of {self.model_type} is not supported")

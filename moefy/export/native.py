@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
+from moefy.errors import BadInput
 from moefy.export.base import ExportFormat
 from moefy.moe.layer import DenseMLP
 
@@ -32,6 +35,28 @@ def _experts(prefix: str, mlp: DenseMLP, widths: list[int]) -> dict[str, torch.T
     if mlp.has_input_bias:
         tensors[f"{prefix}.gate_up_bias"] = packed_gate_up(mlp.gate_bias, mlp.up_bias, widths)
     return tensors
+
+
+class BlockSpec(BaseModel):
+    """One native MoE block as config.json states it (what modeling_moefy.MoeBlock is built from)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    widths: list[PositiveInt] = Field(min_length=1)
+    top_k: PositiveInt
+    scoring: Literal["softmax", "sigmoid", "none"]
+    combine: Literal["unit", "prob", "renormalize"]
+    activation: Literal["silu", "gelu", "gelu_tanh", "relu"]
+    gated: bool
+    shared_width: NonNegativeInt = 0
+    bias: bool = False
+    expert_bias: bool = False
+    router_hidden: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _top_k_fits(self):
+        if self.top_k > len(self.widths):
+            raise ValueError(f"top_k {self.top_k} exceeds the {len(self.widths)} experts")
+        return self
 
 
 class NativeFormat(ExportFormat):
@@ -70,7 +95,24 @@ class NativeFormat(ExportFormat):
         return config
 
     def block_specs(self, config):
-        return {int(i): spec for i, spec in config["moe_layers"].items()}
+        """`moe_layers` of a native config, each entry validated (BadInput naming the key)."""
+        layers = config.get("moe_layers")
+        count = config.get("num_hidden_layers", config.get("n_layer"))
+        if not isinstance(layers, dict):
+            raise BadInput(f"config.json (native): `moe_layers` is {type(layers).__name__}, not a mapping of layer "
+                           f"index → block spec. The output was edited; convert it again.")
+        specs = {}
+        for key, spec in layers.items():
+            if not (key.isdigit() and (not isinstance(count, int) or int(key) < count)):
+                raise BadInput(f"config.json (native): `moe_layers` key {key!r} is not a layer index below {count}. "
+                               f"The output was edited; convert it again.")
+            try:
+                specs[int(key)] = BlockSpec.model_validate(spec).model_dump()
+            except ValidationError as exc:
+                fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
+                raise BadInput(f"config.json (native): `moe_layers.{key}` is not a block spec ({fields}). The output "
+                               f"was edited; convert it again.") from None
+        return specs
 
     def write_files(self, out_dir):
         shutil.copyfile(MODELING_FILE, Path(out_dir) / MODELING_FILE.name)

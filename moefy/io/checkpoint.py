@@ -65,6 +65,13 @@ class Checkpoint:
             index_path = self.path / index_name
             if index_path.is_file():
                 weight_map = _read_index(index_path)
+                root = self.path.resolve()
+                escaping = sorted({f for f in weight_map.values()
+                                   if Path(f).is_absolute() or root not in (root / f).resolve().parents})
+                if escaping:
+                    raise BadInput(f"{index_path} maps tensors to {escaping[0]!r}, which is outside the model "
+                                   f"directory; an index may only name shard files inside it. Fix or re-download "
+                                   f"the index.")
                 missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
                 if missing:
                     raise BadInput(f"{index_path} lists shard(s) that are missing: {', '.join(missing)}. "
@@ -95,10 +102,15 @@ class Checkpoint:
     def _load_bin(self, path: Path) -> dict[str, torch.Tensor]:
         # weights_only=True: a .bin is a pickle and must never run code; mmap keeps it lazy.
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
             raise BadInput(f"{path} could not be loaded safely with weights_only=True ({exc}). Convert it to "
                            f"safetensors or re-download it.") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise BadInput(f"{path} is not a state dict (a mapping of tensor names to tensors). Convert it to "
+                           f"safetensors or re-download it.")
+        return state
 
     @property
     def weight_files(self) -> list[Path]:

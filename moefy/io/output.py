@@ -92,8 +92,12 @@ def check_output_path(out: Path, force: bool, inputs: Inputs) -> None:
                            f"directories. Move it away or choose another OUT.")
     parent = out.resolve().parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())  # created when the writing starts
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        _uncreatable(out, f"{existing} is not a writable directory")
+    if not existing.is_dir():
+        _uncreatable(out, f"{existing} is not a directory")
+    try:  # the one sure test (permissions, read-only mounts, /proc): make a directory there, and remove it
+        os.rmdir(tempfile.mkdtemp(prefix=".moefy-probe-", dir=existing))
+    except OSError as exc:
+        _uncreatable(out, f"{existing}: {exc.strerror}")
 
 
 def _uncreatable(out: Path, why: str):

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from moefy.errors import BadInput
+from moefy.errors import BadInput, CheckFailed
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16,
+          "U32": torch.uint32, "U64": torch.uint64}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
@@ -33,39 +34,73 @@ def read_header(path: Path) -> dict[str, dict]:
     return _read_header(Path(path))[0]
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
 def _read_header(path: Path) -> tuple[dict[str, dict], int]:
-    """(tensor entries, byte offset where the data section starts)."""
+    """(tensor entries, byte offset where the data section starts), validated as strictly as the safetensors
+    library validates: a known dtype, a shape of non-negative integers, offsets that match it, and tensors that
+    tile the data section exactly (no overlap, no gap, nothing outside it)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise BadInput(f"{path} is not a safetensors file (only {size} bytes). Re-download or re-save it.")
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
             raise BadInput(f"{path} is truncated or corrupt: its header claims {header_len} bytes but the file "
                            f"has {size}. Re-download or re-save the checkpoint.")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadInput(f"{path} has a corrupt safetensors header ({exc}). Re-download or re-save it.") from None
-    if not isinstance(header, dict):
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadInput(f"{path} has a corrupt safetensors header ({exc}). Re-download or re-save it.") from None
+    if not isinstance(header, dict) or not raw.startswith(b"{"):
         raise BadInput(f"{path} has a corrupt safetensors header (not a JSON object). Re-download or re-save it.")
-    header.pop("__metadata__", None)
-    data_len = size - 8 - header_len
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise BadInput(f"{path} has a corrupt `__metadata__` in its header (it must map strings to strings). "
+                       f"Re-download or re-save it.")
     for name, info in header.items():
-        try:
-            start, end = info["data_offsets"]
-            expected = DTYPE_BYTES[info["dtype"]] * math.prod(map(int, info["shape"]))
-        except (KeyError, TypeError, ValueError):
-            raise BadInput(f"{path} has a corrupt entry for tensor {name!r} in its header. Re-download or "
-                           f"re-save the checkpoint.") from None
-        if end > data_len:
-            raise BadInput(f"{path} is truncated: tensor {name!r} ends at byte {end} of the data section but only "
-                           f"{data_len} bytes are present. Re-download or re-save the checkpoint.")
-        if end - start != expected:
-            raise BadInput(f"{path} is corrupt: tensor {name!r} ({info['dtype']} {info['shape']}) should take "
-                           f"{expected} bytes but its header gives {end - start}. Re-download or re-save it.")
+        _check_entry(path, name, info)
+    position = 0
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        start, end = info["data_offsets"]
+        if start != position:
+            what = "overlaps the tensor before it" if start < position else f"leaves bytes {position}..{start} unused"
+            raise BadInput(f"{path} is corrupt: tensor {name!r} (data bytes {start}..{end}) {what}. Re-download or "
+                           f"re-save the checkpoint.")
+        position = end
+    data_len = size - 8 - header_len
+    if position != data_len:
+        raise BadInput(f"{path} is {'truncated' if position > data_len else 'corrupt'}: its tensors cover "
+                       f"{position} bytes of data but the file holds {data_len}. Re-download or re-save the "
+                       f"checkpoint.")
     return header, 8 + header_len
+
+
+def _check_entry(path: Path, name: str, info) -> None:
+    def bad(why: str):
+        raise BadInput(f"{path} has a corrupt entry for tensor {name!r} in its header ({why}). Re-download or "
+                       f"re-save the checkpoint.")
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        bad("it must have dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        bad(f"dtype {dtype!r} is not one moefy reads: {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        bad(f"shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        bad(f"data_offsets {offsets!r} is not [start, end] with 0 ≤ start ≤ end")
+    expected = DTYPE_BYTES[dtype] * math.prod(shape)
+    if offsets[1] - offsets[0] != expected:
+        raise BadInput(f"{path} is corrupt: tensor {name!r} ({dtype} {shape}) should take {expected} bytes but "
+                       f"its header gives {offsets[1] - offsets[0]}. Re-download or re-save it.")
 
 
 class SafetensorsFile:
@@ -76,6 +111,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._seen = _identity(os.stat(self.path))
         self.header, self.data_start = _read_header(self.path)
         self._fd: int | None = None
 
@@ -89,6 +125,7 @@ class SafetensorsFile:
         base = offset - offset % mmap.ALLOCATIONGRANULARITY
         if end == start or (offset - base) % dtype.itemsize:  # empty, or misaligned for its dtype: copy it
             return self._read_range(offset, end - start).view(dtype).reshape(info["shape"])
+        self._unchanged()  # a mapping past the end of a file that shrank would kill the process (SIGBUS)
         mapping = mmap.mmap(self._fileno(), offset - base + end - start, access=mmap.ACCESS_COPY, offset=base)
         mapping.madvise(mmap.MADV_SEQUENTIAL)
         raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - start, offset=offset - base)
@@ -114,6 +151,11 @@ class SafetensorsFile:
         if on_done is not None:
             on_done(digest.hexdigest())
 
+    def _unchanged(self) -> None:
+        if _identity(os.fstat(self._fileno())) != self._seen:
+            raise CheckFailed(f"{self.path} changed while moefy was reading it (its size or modification time "
+                              f"moved). Let whatever writes it finish, then run again.")
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -134,6 +176,10 @@ class SafetensorsFile:
                 raise BadInput(f"{self.path} ended early while reading a tensor. Re-download the checkpoint.")
             done += got
         return raw
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class StreamingShard:

@@ -161,8 +161,9 @@ def mlp_from_tensors(info: SourceInfo, tensors: dict[str, torch.Tensor], upcast:
 
 def checked(name: str, tensor: torch.Tensor, where) -> torch.Tensor:
     """`tensor`, after making sure it has no NaN/Inf (its min and max carry both, at memory speed)."""
-    if tensor.is_floating_point() and tensor.element_size() >= 2 and tensor.numel():  # float8 has no aminmax
-        if not torch.isfinite(torch.stack(torch.aminmax(tensor))).all():
+    if tensor.is_floating_point() and tensor.numel():
+        values = tensor if tensor.element_size() >= 2 else tensor.to(torch.float16)  # float8 has no aminmax
+        if not torch.isfinite(torch.stack(torch.aminmax(values))).all():
             raise CheckFailed(f"{name} in {where} contains NaN or Inf; moefy will not convert a broken "
                               f"checkpoint. Repair or re-download it.")
     return tensor

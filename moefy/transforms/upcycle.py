@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 from pydantic import Field, ValidationError
 
 from moefy.calib.routers import unit_rows
 from moefy.errors import BadInput
 from moefy.io.checkpoint import open_source
+from moefy.io.yaml_file import load_yaml
 from moefy.moe.layer import DenseMLP, MoeLayer, concat_mlps
 from moefy.transforms.base import LayerData, LayerPlan, Options, Preview, SourceInfo, Transform, read_mlp
 from moefy.transforms.slice import neuron_scores
@@ -121,10 +121,10 @@ class Upcycle(Transform):
         file = Path(path).expanduser()
         if not file.is_file():
             raise BadInput(f"upcycle.prompts file {file} does not exist.")
+        entries = load_yaml(file, "upcycle.prompts file")
         try:
-            entries = yaml.safe_load(file.read_text())
             prompts = [ExpertPrompts.model_validate(e) for e in entries] if isinstance(entries, list) else None
-        except (yaml.YAMLError, UnicodeDecodeError, ValidationError, TypeError) as exc:
+        except (ValidationError, TypeError) as exc:
             raise BadInput(f"upcycle.prompts file {file} is not a YAML list of {{positive: [...], negative: [...]}} "
                            f"entries ({str(exc).splitlines()[0]}).") from None
         if prompts is None or len(prompts) != self.copies:
