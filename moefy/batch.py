@@ -24,6 +24,7 @@ from moefy.errors import BadInput, MoefyError
 from moefy.io.output import Inputs, check_report_path
 from moefy.io.yaml_file import load_yaml
 from moefy.progress import log
+from moefy.resources import available_memory
 
 GIB = 2**30
 
@@ -248,17 +249,6 @@ def estimate_peak_bytes(job: Job) -> int:
         width = adapter.mlp_width(ckpt.config)
         estimate += 4 * largest + tokens * adapter.hidden_size(ckpt.config) * 16 + 3 * width * width * 8
     return int(estimate)
-
-
-def available_memory() -> int:
-    """MemAvailable of /proc/meminfo, in bytes (unknown: practically unlimited)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: the job count alone limits
 
 
 def _log_path(job: Job) -> Path:

@@ -30,6 +30,7 @@ from moefy.io.writer import ShardedWriter, parse_size
 from moefy.moe.layer import DenseMLP, MoeLayer
 from moefy.progress import log, progress
 from moefy.recipe import Recipe
+from moefy.resources import available_memory
 from moefy.summary import summarize
 from moefy.transforms.base import LayerData, LayerPlan, Preview, SourceInfo, checked, mlp_from_tensors, read_mlp
 
@@ -165,8 +166,6 @@ def planned_bytes(ckpt: Checkpoint, info: SourceInfo, plan: LayerPlan, dtype: st
 
 def _check_room(ckpt: Checkpoint, info: SourceInfo, plan: LayerPlan, dtype: str, out: Path) -> None:
     """Refuse up front a plan whose output cannot fit on OUT's disk, or one of whose layers cannot fit in memory."""
-    from moefy.batch import available_memory
-
     total, layer = planned_bytes(ckpt, info, plan, dtype)
     parent = Path(out).resolve().parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())

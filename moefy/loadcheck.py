@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from moefy.batch import available_memory
 from moefy.errors import CheckFailed
 from moefy.progress import log
+from moefy.resources import available_memory
 
 PROMPTS, PROMPT_TOKENS = 2, 32
 MEMORY_SHARE = 0.4  # logits are compared when one fp32 copy of the model fits in this share of free memory

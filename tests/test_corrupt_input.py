@@ -236,6 +236,14 @@ def sharded(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("sharded") / "src", "llama", shard="20KB")
 
 
+def _fresh_copy(source, tmp_path):
+    """The source as a new copy for each example (the previous one mutated it)."""
+    src = tmp_path / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(source, src)
+    return src
+
+
 def _cli_verdict(args):
     code, _, err = run_cli(*args)
     assert code in (0, 2), (code, err)
@@ -245,9 +253,7 @@ def _cli_verdict(args):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_configs_are_converted_or_refused_never_an_internal_error(sharded, tmp_path, data):
-    src = tmp_path / "src"
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(sharded, src)
+    src = _fresh_copy(sharded, tmp_path)
     config = json.loads((src / "config.json").read_text())
     for _ in range(data.draw(st.integers(1, 3))):
         key = data.draw(st.sampled_from(sorted(config) + ["new_field"]))
@@ -262,9 +268,7 @@ def test_fuzzed_configs_are_converted_or_refused_never_an_internal_error(sharded
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_indexes_are_converted_or_refused_never_an_internal_error(sharded, tmp_path, data):
-    src = tmp_path / "src"
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.copytree(sharded, src)
+    src = _fresh_copy(sharded, tmp_path)
     index_path = src / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     weight_map = index["weight_map"]
