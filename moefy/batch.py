@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moefy.errors import BadInput, MoefyError
-from moefy.io.output import Inputs, check_report_path
+from moefy.io.output import Inputs, check_report_path, overlap
 from moefy.io.yaml_file import load_yaml
 from moefy.progress import log
 from moefy.resources import available_memory
@@ -135,10 +135,10 @@ def _write_problems(manifest: Path, planned: list[tuple[str, Job, Inputs]], repo
             except BadInput as exc:
                 problems.append(f"{where}: {exc}")
         for other, other_where in outs.items():
-            relation = ("is also" if other == out else "lies inside" if other in out.parents else
-                        "contains" if out in other.parents else None)
+            relation = overlap(out, other)
             if relation:
-                problems.append(f"{where}: out {job.out} {relation} {other_where}'s out")
+                problems.append(f"{where}: out {job.out} {'is also' if relation == 'is' else relation} "
+                                f"{other_where}'s out")
         outs[out] = where
     for report in reports:
         try:

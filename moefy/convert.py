@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 import moefy
-from moefy.arch import adapter_for, max_positions
+from moefy.arch import adapter_for, check_window
 from moefy.calib import Calibration, load_calibration, text_runner
 from moefy.errors import BadInput, CheckFailed
 from moefy.export import FORMATS, choose_format
 from moefy.io.checkpoint import Checkpoint, open_source
 from moefy.io.layout import check_layout
 from moefy.io.overlap import prefetch
-from moefy.io.output import Inputs, atomic_output, check_output_path, check_report_path
+from moefy.io.output import Inputs, atomic_output, check_output_path, check_report_path, nearest_existing
 from moefy.io.writer import ShardedWriter, parse_size
 from moefy.moe.layer import DenseMLP, MoeLayer
 from moefy.progress import log, progress
@@ -99,10 +99,9 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
     check_output_path(out, force, reads)
     for report in reports:
         check_report_path(report, reads)
-    limit = max_positions(ckpt.config)
-    if eval_seq_len is not None and limit is not None and eval_seq_len > limit:
-        raise BadInput(f"the evaluation after converting uses windows of {eval_seq_len} tokens (the gate's or job's "
-                       f"seq_len), longer than {ckpt.origin} can take ({limit} positions). Set it to {limit} or less.")
+    if eval_seq_len is not None:
+        check_window(ckpt.config, eval_seq_len, "the seq_len of the evaluation after converting (gate or job)",
+                     ckpt.origin)
     adapter = info.adapter
     out_dtype = dtype if dtype and dtype != "auto" else recipe.output.dtype
     out_dtype = source_dtype(ckpt) if out_dtype == "auto" else out_dtype
@@ -167,8 +166,7 @@ def planned_bytes(ckpt: Checkpoint, info: SourceInfo, plan: LayerPlan, dtype: st
 def _check_room(ckpt: Checkpoint, info: SourceInfo, plan: LayerPlan, dtype: str, out: Path) -> None:
     """Refuse up front a plan whose output cannot fit on OUT's disk, or one of whose layers cannot fit in memory."""
     total, layer = planned_bytes(ckpt, info, plan, dtype)
-    parent = Path(out).resolve().parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    existing = nearest_existing(Path(out).resolve().parent)
     free = shutil.disk_usage(existing).free
     if total > free:
         raise BadInput(f"this plan ({plan.num_experts:,} experts per MoE layer) writes about {total / 1e9:,.1f} GB, "
@@ -217,10 +215,7 @@ def _calibration(ckpt: Checkpoint, info: SourceInfo, transforms, recipe: Recipe,
         raise BadInput(f"{', '.join(users)} needs calibration data: pass --calib FILE (.txt/.raw/.jsonl/hf:...) or "
                        f"set calibration.dataset in the recipe.")
     c = recipe.calibration
-    limit = max_positions(ckpt.config)
-    if limit is not None and c.seq_len > limit:
-        raise BadInput(f"calibration.seq_len {c.seq_len} is longer than {ckpt.origin} can take ({limit} positions, "
-                       f"max_position_embeddings in its config.json). Set calibration.seq_len to {limit} or less.")
+    check_window(ckpt.config, c.seq_len, "calibration.seq_len", ckpt.origin)
     for transform in transforms:
         need = transform.min_calibration_tokens(info)
         if c.samples * c.seq_len < need:

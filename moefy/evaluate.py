@@ -7,25 +7,13 @@ import time
 
 import torch
 
-from moefy.arch import max_positions
+from moefy.arch import check_window
 from moefy.errors import BadInput, CheckFailed
 from moefy.io.data import TextData, load_text
 from moefy.io.checkpoint import open_source
 from moefy.loading import checked_backend, load_model, load_tokenizer
 from moefy.progress import log, progress
 from moefy.summary import summarize
-
-
-def _vocab_size(ckpt) -> int | None:
-    return ckpt.config.get("vocab_size")
-
-
-def _check_fits(ckpt, seq_len: int, what: str) -> None:
-    """Windows no longer than the model's positions (a longer one would index past its position table)."""
-    limit = max_positions(ckpt.config)
-    if limit is not None and seq_len > limit:
-        raise BadInput(f"--seq-len {seq_len} is longer than {what} {ckpt.origin} can take ({limit} positions, "
-                       f"max_position_embeddings in its config.json). Use --seq-len {limit} or less.")
 
 
 def token_windows(tokenizer, data: TextData, seq_len: int, max_windows: int | None) -> torch.Tensor:
@@ -39,7 +27,7 @@ def token_windows(tokenizer, data: TextData, seq_len: int, max_windows: int | No
 
 
 def _check_ids(windows: torch.Tensor, ckpt, name: str) -> None:
-    vocab = _vocab_size(ckpt)
+    vocab = ckpt.config.get("vocab_size")
     if isinstance(vocab, int) and int(windows.max()) >= vocab:
         raise BadInput(f"the tokenizer of {name} produces token id {int(windows.max())}, but its model has only "
                        f"{vocab} embeddings (vocab_size in config.json). Its tokenizer files do not belong to it.")
@@ -80,7 +68,7 @@ def evaluate(model_spec: str, *, baseline: str | None, dataset: str, seq_len: in
     report = {"model": str(model_spec), "baseline": baseline, "dataset": data.name, "dataset_sha256": data.sha256,
               "seq_len": seq_len, "backend": backend}
     ckpt = open_source(model_spec)  # opened once for tokenizer, weights and parameter accounting
-    _check_fits(ckpt, seq_len, "MODEL")
+    check_window(ckpt.config, seq_len, "--seq-len", f"MODEL {ckpt.origin}")
     windows = token_windows(load_tokenizer(ckpt), data, seq_len, max_windows)
     _check_ids(windows, ckpt, model_spec)
     log(f"evaluating {model_spec} on {windows.shape[0]} windows × {seq_len} tokens")
@@ -93,8 +81,8 @@ def evaluate(model_spec: str, *, baseline: str | None, dataset: str, seq_len: in
                    "baseline_ppl": None, "delta_pct": None, "baseline_tokens_per_s": None, "tokenizers_agree": None})
     if baseline is not None:
         base_ckpt = open_source(baseline)
-        _check_fits(base_ckpt, seq_len, "--baseline")
-        vocab, base_vocab = _vocab_size(ckpt), _vocab_size(base_ckpt)
+        check_window(base_ckpt.config, seq_len, "--seq-len", f"--baseline {base_ckpt.origin}")
+        vocab, base_vocab = ckpt.config.get("vocab_size"), base_ckpt.config.get("vocab_size")
         if vocab != base_vocab:
             raise BadInput(f"--baseline {baseline} has a vocabulary of {base_vocab} tokens and {model_spec} one of "
                            f"{vocab}: their perplexities are not comparable. Pass the source the model was "

@@ -48,10 +48,13 @@ def check_config(config: dict, where: str) -> None:
                            f"{', '.join(sorted(ACTIVATION_NAMES))}. Fix config.json.") from None
 
 
-def max_positions(config: dict) -> int | None:
-    """The longest sequence the model's position table takes (None: its config does not say)."""
+def check_window(config: dict, seq_len: int, what: str, where: str) -> None:
+    """BadInput when windows of `seq_len` tokens (`what` names the setting) are longer than the model at `where`
+    takes: its position table (max_position_embeddings) would be indexed past its end, or extrapolated silently."""
     limit = config.get("max_position_embeddings") or config.get("n_positions")
-    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+    if isinstance(limit, int) and not isinstance(limit, bool) and seq_len > limit:
+        raise BadInput(f"{what} {seq_len} is longer than {where} can take ({limit} positions, max_position_embeddings "
+                       f"in its config.json). Set {what} to {limit} or less.")
 
 
 def adapter_for(config: dict, where: str = "the source") -> ArchAdapter:

@@ -57,16 +57,27 @@ class Inputs:
         """Refuse a write target that is, contains or lies inside one of the inputs."""
         resolved = Path(target).expanduser().resolve()
         for path, label in self.paths:
-            if resolved == path:
-                relation = "is"
-            elif path in resolved.parents:
-                relation = "lies inside"
-            elif resolved in path.parents:
-                relation = "contains"
-            else:
+            relation = overlap(resolved, path)
+            if relation is None:
                 continue
             raise BadInput(f"{what} {target} {relation} {label} {path}, which this run reads. moefy never writes "
                            f"into, over or around its inputs; choose a path outside every input.")
+
+
+def overlap(target: Path, path: Path) -> str | None:
+    """How two resolved paths overlap: "is", "lies inside" (target within path), "contains", or None."""
+    if target == path:
+        return "is"
+    if path in target.parents:
+        return "lies inside"
+    if target in path.parents:
+        return "contains"
+    return None
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists (where a directory to be created would go)."""
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def is_moefy_output(path: Path) -> bool:
@@ -91,7 +102,7 @@ def check_output_path(out: Path, force: bool, inputs: Inputs) -> None:
                            f"--force will not replace it: moefy replaces only its own previous outputs and empty "
                            f"directories. Move it away or choose another OUT.")
     parent = out.resolve().parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())  # created when the writing starts
+    existing = nearest_existing(parent)  # the rest is created when the writing starts
     if not existing.is_dir():
         _uncreatable(out, f"{existing} is not a directory")
     try:  # the one sure test (permissions, read-only mounts, /proc): make a directory there, and remove it
