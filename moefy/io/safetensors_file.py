@@ -29,6 +29,11 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
+def _not_json(constant: str):
+    """Python's json reads NaN / Infinity, which JSON (and the safetensors library) does not have."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 def read_header(path: Path) -> dict[str, dict]:
     """Return {name: {"dtype", "shape", "data_offsets"}}; a truncated or corrupt file is BadInput."""
     return _read_header(Path(path))[0]
@@ -52,8 +57,8 @@ def _read_header(path: Path) -> tuple[dict[str, dict], int]:
                            f"has {size}. Re-download or re-save the checkpoint.")
         raw = f.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_not_json)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise BadInput(f"{path} has a corrupt safetensors header ({exc}). Re-download or re-save it.") from None
     if not isinstance(header, dict) or not raw.startswith(b"{"):
         raise BadInput(f"{path} has a corrupt safetensors header (not a JSON object). Re-download or re-save it.")
