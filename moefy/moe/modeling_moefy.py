@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 try:  # the fused/grouped backends; the fallback below keeps OUT loadable without moefy
@@ -61,6 +62,15 @@ class MoefyConfig(PretrainedConfig):
         self.layers_path = layers_path
         self.mlp_attr = mlp_attr
         super().__init__(**kwargs)
+
+    def __getattr__(self, key: str):
+        """The base family's attribute aliases (GPT-2's `num_hidden_layers` is its `n_layer`), which generation
+        reads (the KV cache's layer count); only names the config does not hold itself get here."""
+        base_type = self.__dict__.get("base_model_type")
+        real = CONFIG_MAPPING[base_type].attribute_map.get(key) if base_type in CONFIG_MAPPING else None
+        if real is None or real == key:
+            raise AttributeError(f"{type(self).__name__} has no attribute {key!r}")
+        return getattr(self, real)
 
     def base_config(self) -> PretrainedConfig:
         fields = {k: v for k, v in self.to_dict().items()
@@ -292,8 +302,10 @@ class MoefyForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             super()._init_weights(module)
 
-    def forward(self, *args, **kwargs):
-        return self._dense_forward(self, *args, **kwargs)
+    def forward(self, *args, logits_to_keep: int | torch.Tensor = 0, **kwargs):
+        """The base family's causal-LM forward. `logits_to_keep` is named so that `generate` sees it in the
+        signature and, as for the dense model, scores only the last position of a prompt."""
+        return self._dense_forward(self, *args, logits_to_keep=logits_to_keep, **kwargs)
 
     def set_backend(self, backend: str) -> None:
         for module in self.modules():
