@@ -11,7 +11,7 @@ from moefy.errors import BadInput
 from moefy.io.checkpoint import open_source
 from moefy.io.layout import config_error
 from moefy.moe.modeling_moefy import MoeBlock, MoefyConfig, MoefyForCausalLM
-from moefy_kernels import BACKENDS, resolve_backend
+from moefy_kernels import BACKENDS, decode_layout, resolve_backend
 
 _registered = False
 STANDARD_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "GraniteMoeMoE",
@@ -103,7 +103,26 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
         model.set_backend(backend)
     elif model._can_set_experts_implementation() and runs_on_moefy(model):
         model.set_experts_implementation(experts_implementation(backend))
+    else:
+        return model
+    if device == "cpu":
+        _store_for_decode(model)
     return model
+
+
+def _store_for_decode(model) -> None:
+    """Re-store every MoE block's routed down weights in `decode_layout` (same values and shapes): blocks that
+    select fewer than all experts as [E, I, H] (a decoded token copies each selected expert as one block),
+    standard blocks that select every expert as [H, E, I] (one dense matmul). Native blocks that select every
+    expert already store the dense [H, Σ I]; shared experts keep their dense [H, I_s]. One block at a time."""
+    for _, block in moe_blocks(model):
+        if isinstance(block, MoeBlock):
+            if block.router is not None and block.top_k < len(block.experts.widths):
+                w2 = decode_layout(block.experts.stacked()[1], block.top_k)  # [E, H, I] stored as [E, I, H]
+                block.experts.down_proj.data = w2.permute(1, 0, 2).reshape(w2.shape[1], -1)  # [H, Σ I], a view
+        else:
+            w2 = block.experts.down_proj
+            w2.data = decode_layout(w2.data, model.config.num_experts_per_tok)
 
 
 def load_tokenizer(spec):

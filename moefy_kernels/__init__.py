@@ -1,6 +1,6 @@
 """Sparse-expert forward passes behind one entry point, `moe_forward` (contract: DESIGN.md).
 
-Backends: `reference` (plain loop, the oracle), `torch` (per-token loop / grouped matmuls, CPU and GPU),
+Backends: `reference` (plain loop, the oracle), `torch` (gathered decode / grouped matmuls, CPU and GPU),
 `triton` (fused kernels, CUDA; on CPU only under TRITON_INTERPRET=1, for tests). `reference` and `torch`
 are differentiable (torch is the training path); triton is inference only.
 `auto` picks triton for CUDA tensors when it is installed, else torch.
@@ -16,7 +16,7 @@ import torch
 
 from moefy_kernels.reference import experts_reference
 from moefy_kernels.routing import ACTIVATIONS, route
-from moefy_kernels.torch_ops import experts_torch
+from moefy_kernels.torch_ops import decode_layout, experts_torch
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ else:
     BACKENDS["triton"] = Backend(route_triton, experts_triton)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-__all__ = ["moe_forward", "route", "Backend", "BACKENDS", "resolve_backend", "check_inputs"]
+__all__ = ["moe_forward", "route", "Backend", "BACKENDS", "resolve_backend", "check_inputs", "decode_layout"]
 
 
 def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
@@ -105,7 +105,7 @@ def check_inputs(hidden, router_logits, w13, w2, top_k, *, gated=True, shared=No
                  f"(hidden is {hidden.dtype})")
         if tensor.device != hidden.device or router_logits.device != hidden.device:
             fail(f"{name} is on {tensor.device}, hidden on {hidden.device}: put them on one device")
-        if tensor.stride(-1) != 1:
+        if tensor.stride(-1) != 1 and not (name.endswith("w2") and tensor.transpose(-1, -2).is_contiguous()):
             fail(f"{name} has strides {tensor.stride()}: its last dimension must be contiguous; call .contiguous() "
                  "once at load time")
 

@@ -1,10 +1,14 @@
-"""Fast PyTorch experts (CPU and GPU): a per-token loop for one or two tokens; on CPU with narrow experts,
-every expert as two dense matmuls (masked by the routing weights); else (token, slot) pairs sorted by
-expert and two grouped matmuls (`torch._grouped_mm` where this build has it, else one matmul pair per
-hit expert on contiguous slices), then `index_add` back to tokens. The routing weight scales
-the narrow intermediate (I_e wide), not the H-wide output; rows are gathered with `index_select`
-(3× faster than advanced indexing on CPU, measured). Every path is differentiable: end-to-end
-distillation trains on this backend.
+"""Fast PyTorch experts (CPU and GPU). Decode (a few tokens): the selected experts' rows gathered into one
+block and one matmul pair, no loop over experts; on CPU with narrow experts, every expert as two dense
+matmuls (masked by the routing weights); else (token, slot) pairs sorted by expert and two grouped
+matmuls (`torch._grouped_mm` where this build has it, else one matmul pair per hit expert on contiguous
+slices), then `index_add` back to tokens. The routing weight scales the narrow intermediate (I_e wide),
+not the H-wide output; rows are gathered with `index_select` (3× faster than advanced indexing on CPU,
+measured). Every path is differentiable: end-to-end distillation trains on this backend.
+
+w2 [E, H, I] may be stored with its last dimension contiguous, or with each expert's down weights as rows
+([E, I, H] in memory, `decode_layout` for blocks that select fewer than all experts), in which decode
+copies each selected expert as one contiguous block.
 """
 
 from __future__ import annotations
@@ -12,11 +16,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moefy_kernels.reference import expert_mlp
 from moefy_kernels.routing import activation_fn
 
-PER_TOKEN_MAX = 2  # up to this many tokens, looping over the selected experts beats sorting
-EVERY_EXPERT_MAX_RATIO = 6
+GATHER_MAX_TOKENS = 8  # up to this many tokens, gathering the union of their experts beats sorting
+
+
+def decode_layout(w2: torch.Tensor, top_k: int) -> torch.Tensor:
+    """w2 [E, H, I] with the same values and shape, re-stored so that CPU decode reads it cheapest. A block
+    that selects fewer than all of its experts gets [E, I, H] in memory: each selected expert's down weights
+    are then one contiguous block to gather, not H strided pieces. One that selects every expert (top_k = E)
+    gets [H, E, I]: the dense MLP's down matrix [H, E·I], a view that one matmul reads at dense speed."""
+    if top_k < w2.shape[0]:
+        return w2.transpose(1, 2).contiguous().transpose(1, 2)
+    return w2.permute(1, 0, 2).contiguous().permute(1, 0, 2)
 
 
 def _has_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -75,15 +87,21 @@ def _grouped(x_sorted, row_weights, row_bias, counts, w13, w2, act, gated):
     return out
 
 
+GROUPED_COST = ((96, 1.3), (16, 2.5), (8, 5.0))  # (min width, grouped ÷ ideal cost), measured: BENCHMARKS.md
+
+
 def _every_expert_is_faster(x: torch.Tensor, w2: torch.Tensor, top_k: int) -> bool:
-    """On CPU, grouped matmuls of experts narrower than 16 run far below dense-GEMM speed: computing every
-    expert as two dense matmuls wins while the routed experts are at most EVERY_EXPERT_MAX_RATIO × top_k
-    (measured: a training step of the demo model with 128 experts of width 8, 26 active, 4.3 vs 6.1 s;
-    one block's forward and backward with 168 such experts, 18 active, 52 vs 35 ms: grouped stays), and
-    always below width 8 (672 experts of width 2, 76 active: a training step took minutes grouped, a
-    few seconds dense)."""
+    """On CPU, the every-expert path costs about one dense MLP; grouped matmuls cost the routed fraction k/E
+    of it times an overhead that grows as experts narrow (sorting, gathering, many small GEMMs; measured at
+    512 tokens on 2 cores: ≈ 1.3 at width ≥ 96, ≈ 2.5 at 16–95; at width 8 a training step with 26 of 128
+    experts took 6.1 s grouped vs 4.3 s every-expert while 18 of 168 stayed faster grouped, hence 5;
+    below 8 grouped is never taken: 76 of 672 2-wide experts took minutes per step). A fixed table, not a
+    timing at run time, so the same inputs always take the same path (training stays reproducible)."""
+    if x.device.type != "cpu":
+        return False
     width = w2.shape[-1]
-    return x.device.type == "cpu" and (width < 8 or width < 16 and w2.shape[0] <= EVERY_EXPERT_MAX_RATIO * top_k)
+    overhead = next((cost for min_width, cost in GROUPED_COST if width >= min_width), None)
+    return overhead is None or top_k / w2.shape[0] * overhead >= 1
 
 
 def _every_expert(x, weights, experts, w13, w2, act, gated, b13):
@@ -97,16 +115,33 @@ def _every_expert(x, weights, experts, w13, w2, act, gated, b13):
     return F.linear(h.reshape(tokens, num * width), w2.permute(1, 0, 2).reshape(dim, num * width))
 
 
+def _gathered(x, weights, experts, w13, w2, act, gated, b13):
+    """A few tokens (decode): the union of their selected experts gathered into one block, one matmul in,
+    the GLU weighted per token, the same experts' down rows gathered, one matmul out. When the union is
+    every expert nothing is gathered (the weights are used in place)."""
+    tokens, num, dim = x.shape[0], w2.shape[0], w2.shape[1]
+    if tokens == 1 and experts.shape[1] < num:
+        chosen, w = experts[0], weights
+    else:
+        dense_w = torch.zeros(tokens, num, dtype=x.dtype, device=x.device).scatter(1, experts, weights)
+        chosen = torch.unique(experts) if tokens * experts.shape[1] < num else None
+        w = dense_w if chosen is None else dense_w.index_select(1, chosen)
+    w13_c = w13 if chosen is None else w13.index_select(0, chosen)
+    z = F.linear(x, w13_c.reshape(-1, dim)).view(tokens, w13_c.shape[0], -1)
+    if b13 is not None:
+        z = z + (b13 if chosen is None else b13.index_select(0, chosen))
+    h = (_glu(z, act, gated) * w[..., None]).reshape(tokens, -1)  # [T, U·I]
+    if chosen is None:  # a view in native's layout and in both `decode_layout`s; a copy of a contiguous w2
+        return F.linear(h, w2.permute(1, 0, 2).reshape(dim, -1))
+    # [E, I, H] is contiguous in the decode layout: each selected expert is one block copy
+    return h @ w2.transpose(1, 2).index_select(0, chosen).reshape(-1, dim)
+
+
 def experts_torch(hidden, weights, experts, w13, w2, activation, gated, b13=None):
     x, w13, w2, weights = hidden.float(), w13.float(), w2.float(), weights.float()
     b13 = None if b13 is None else b13.float()
-    if x.shape[0] <= PER_TOKEN_MAX:
-        out = torch.zeros_like(x)
-        for t, row in enumerate(experts.tolist()):
-            for j, e in enumerate(row):
-                out[t] += weights[t, j] * expert_mlp(x[t], w13[e], w2[e], activation, gated,
-                                                     None if b13 is None else b13[e])
-        return out
+    if x.shape[0] <= GATHER_MAX_TOKENS:
+        return _gathered(x, weights, experts, w13, w2, activation_fn(activation), gated, b13)
     if _every_expert_is_faster(x, w2, experts.shape[1]):
         return _every_expert(x, weights, experts, w13, w2, activation_fn(activation), gated, b13)
     flat = experts.reshape(-1)

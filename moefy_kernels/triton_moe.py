@@ -275,6 +275,7 @@ def experts_triton(hidden: torch.Tensor, weights: torch.Tensor, experts: torch.T
         return out.reshape(num_tokens, dim)
     weights = weights.reshape(-1).float().contiguous()
     experts = experts.contiguous()
+    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()  # the kernels read [E, H, I] rows; decode_layout is CPU's
     bias = dict(HAS_BIAS=b13 is not None)
     b13 = w13 if b13 is None else b13.contiguous()  # any pointer will do when HAS_BIAS is off
     if num_slots <= SMALL_BATCH_PAIRS:

@@ -49,13 +49,14 @@ def test_torch_matches_reference(tokens, experts, top_k, combine, with_shared):
     torch.testing.assert_close(fallback, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tokens,experts,width", [(2, 6, 8), (40, 6, 8), (5, 16, 8), (9, 6, 6)])
+@pytest.mark.parametrize("tokens,experts,width", [(2, 6, 8), (40, 6, 8), (9, 16, 8), (10, 6, 6)])
 @pytest.mark.parametrize("biased", [False, True])
 def test_torch_backend_gradients_match_the_reference(monkeypatch, tokens, experts, width, biased):
     """The training path: gradients in the input, the weights, their biases and the routing weights equal
-    the reference's (autograd through the plain loop) on each of torch's sparse paths: the per-token loop
-    (2 tokens), grouped matmuls with their own backward (16 experts for 5 tokens leave some without rows)
-    and one matmul pair per expert (6-wide fp32 experts are not 16-byte aligned for the grouped matmul)."""
+    the reference's (autograd through the plain loop) on each of torch's sparse paths: the gathered decode
+    path (2 tokens), grouped matmuls with their own backward (16 experts for 9 tokens leave some without
+    rows) and one matmul pair per expert (6-wide fp32 experts are not 16-byte aligned for the grouped
+    matmul)."""
     monkeypatch.setattr(torch_ops, "_every_expert_is_faster", lambda *_: False)
     _assert_torch_matches_reference(tokens, experts, width, 2, biased, True, "silu")
 
@@ -70,11 +71,47 @@ def test_every_expert_path_matches_the_reference(monkeypatch, gated, activation,
 
 def test_every_expert_path_is_chosen_where_it_was_measured_faster():
     x = torch.zeros(512, 576)
+    assert torch_ops._every_expert_is_faster(x, torch.zeros(16, 576, 96), 16)  # mlpmoe: every expert selected
+    assert not torch_ops._every_expert_is_faster(x, torch.zeros(16, 576, 96), 4)  # wide and sparse: grouped
     assert torch_ops._every_expert_is_faster(x, torch.zeros(128, 576, 8), 26)  # a width-8 carve at 50 %
     assert not torch_ops._every_expert_is_faster(x, torch.zeros(168, 576, 8), 18)  # 25 % of 192: grouped
     assert not torch_ops._every_expert_is_faster(x, torch.zeros(48, 576, 24), 14)  # wide enough: grouped
     assert torch_ops._every_expert_is_faster(x, torch.zeros(672, 576, 2), 76)  # 2-wide: dense at any ratio
     assert not torch_ops._every_expert_is_faster(x.to("meta"), torch.zeros(128, 576, 8), 26)  # only on CPU
+
+
+GATHER_CASES = [(1, 8, 2), (1, 8, 8), (3, 16, 2), (5, 8, 2), (8, 48, 16), (2, 768, 100)]
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", GATHER_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "decode"])
+@pytest.mark.parametrize("gated,biased", [(True, False), (False, True)])
+def test_gathered_decode_path_matches_the_reference(tokens, experts, top_k, layout, gated, biased):
+    """Decode-sized batches (T ≤ GATHER_MAX_TOKENS) on the gathered path: one token, every expert selected,
+    a union smaller than all experts, one that covers them all, a fine-grained 768 × 2 carve; w2 as given or
+    in its decode layout, input biases, a shared expert, expert scales — the reference's output within fp32
+    tolerance."""
+    assert tokens <= torch_ops.GATHER_MAX_TOKENS
+    width = 2 if experts > 100 else 8
+    w13, w2 = _weights(experts, width, 16, gated)
+    w2 = torch_ops.decode_layout(w2, top_k) if layout == "decode" else w2
+    b13 = torch.randn(experts, w13.shape[1], generator=torch.Generator().manual_seed(6)) if biased else None
+    shared = (torch.randn((2 if gated else 1) * 12, 16) / 4, torch.randn(16, 12) / 12 ** 0.5)
+    x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(4))
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(5))
+    kwargs = dict(gated=gated, activation="silu" if gated else "gelu", b13=b13, shared=shared,
+                  expert_scales=torch.rand(experts) + 0.5, combine="prob")
+    ref = moe_forward(x, logits, w13, w2, top_k, backend="reference", **kwargs)
+    torch.testing.assert_close(moe_forward(x, logits, w13, w2, top_k, backend="torch", **kwargs), ref,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_decode_layout_keeps_values_and_shape():
+    _, w2 = _weights(4, 8, 16)
+    routed, every = torch_ops.decode_layout(w2, 2), torch_ops.decode_layout(w2, 4)
+    assert torch.equal(routed, w2) and torch.equal(every, w2)
+    assert routed.transpose(1, 2).is_contiguous()  # [E, I, H]: a selected expert is one block
+    assert every.permute(1, 0, 2).is_contiguous()  # [H, E, I]: the dense down matrix
 
 
 def _assert_torch_matches_reference(tokens, experts, width, top_k, biased, gated, activation):
