@@ -4,14 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 CALIB ?= ../shared/data/wikitext-2/valid.txt
-RECIPE ?= carve-50-distill
+RECIPE ?= carve-50
 WINDOWS ?= 40
 OUT ?= out/demo-$(RECIPE)
 # the lowest transformers pyproject.toml allows: `make test` also runs the fast suite on it
 OLDEST_VENV ?= .venv-oldest
 TRANSFORMERS_OLDEST := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 
-.PHONY: setup demo test test-fast test-oldest bench bench-moe bench-carve bench-fit-router clean
+.PHONY: setup demo test test-fast test-oldest bench bench-moe bench-carve bench-fit-router bench-frontier clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/moefy convert demo -r $(RECIPE) -o $(OUT) --force --calib $(CALIB)
 	$(BIN)/moefy eval $(OUT) --baseline demo --dataset $(DATA) --max-windows $(WINDOWS)
+	$(BIN)/moefy bench $(OUT) --baseline demo --rounds 3 --new-tokens 32
 
 # the whole suite on the newest transformers the range allows, then the fast suite on the oldest
 test: setup
@@ -60,6 +61,10 @@ bench-carve: setup  # ~40 min on 2 cores: the carve table of docs/BENCHMARKS.md
 
 bench-fit-router: setup  # ~45 min on 2 cores: the fit_router table of docs/BENCHMARKS.md
 	$(BIN)/python scripts/bench_fit_router.py --windows 40 --samples 16 --json docs/bench_fit_router.json
+
+bench-frontier: setup  # ~75 min on 2 cores: the quality–speed table and docs/frontier.png
+	$(BIN)/python -m pip install -q "matplotlib>=3.8"
+	$(BIN)/python scripts/bench_frontier.py
 
 clean:
 	rm -rf out .pytest_cache $(OLDEST_VENV)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
 import sys
 import traceback
@@ -279,6 +280,75 @@ def validate(
 
 @app.command()
 @_handled
+def bench(
+    model: str = typer.Argument(..., help="Model dir (moefy output or dense), .gguf, or `demo`."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Dense model to compare with (default: the "
+                                                                     "source recorded in MODEL's moefy.json; "
+                                                                     "`none`: no comparison)."),
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Prompt length: the prefill measured."),
+    new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens generated per round: the decode measured."),
+    batch_size: int = typer.Option(1, "--batch", help="Sequences generated at once."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: every usable core)."),
+    backend: str = typer.Option("auto", "--backend", help="auto|torch|triton|reference: how MoE blocks run."),
+    device: str = typer.Option("cpu", "--device", help="cpu|cuda."),
+    rounds: int = typer.Option(5, "--rounds", help="Interleaved rounds; the report gives medians."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report (README: moefy bench)."),
+):
+    """Prefill and decode tokens/s of MODEL against its dense baseline, interleaved in one process, with the
+    ratio the weight bytes a decoded token reads allow."""
+    from moefy.bench import bench as run_bench
+    from moefy.bench import default_baseline
+
+    if device not in ("cpu", "cuda"):
+        raise BadInput(f"--device {device!r}: expected cpu or cuda.")
+    if baseline is None:
+        baseline = default_baseline(model)
+    elif baseline == "none":
+        baseline = None
+    _check_json(json_path, {"the model": model, "the baseline": baseline})
+    report = run_bench(model, baseline=baseline, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                       batch=batch_size, threads=threads, backend=backend, rounds=rounds, device=device)
+    print_bench(report)
+    _write_json(json_path, report)
+
+
+def print_bench(report: dict) -> None:
+    table = Table(title=f"speed · {report['machine']} · {report['threads']} threads · batch {report['batch']} · "
+                        f"{report['prompt_tokens']}-token prompt, {report['new_tokens']} new · "
+                        f"median of {report['rounds']} interleaved rounds")
+    for col in ("model", "prefill tok/s", "decode tok/s", "weights read / decoded token"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for run in report["runs"].values():
+        table.add_row(run["path"], f"{run['prefill_tokens_per_s']:.1f}", f"{run['decode_tokens_per_s']:.2f}",
+                      f"{run['decode_weight_bytes'] / 2**20:.1f} MiB")
+    if report["baseline"] is not None:
+        table.add_row("ratio (model ÷ baseline)", f"{report['prefill_ratio']:.2f}×", f"{report['decode_ratio']:.2f}×",
+                      f"ideal {report['bytes_ideal_ratio']:.2f}× (decode at {report['decode_of_ideal']:.0%} of it)")
+    out.print(table)
+
+
+@app.command()
+@_handled
+def generate(
+    model: str = typer.Argument(..., help="Model dir (moefy output or dense), .gguf, or `demo`."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or, with --chat, the user's turn)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Stop after this many new tokens."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
+    backend: str = typer.Option("auto", "--backend", help="auto|torch|triton|reference: how MoE blocks run."),
+    device: str = typer.Option("cpu", "--device", help="cpu|cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: every usable core)."),
+):
+    """Greedy text from MODEL, streamed as it is decoded: look at what a conversion writes."""
+    from moefy.generate import generate as run_generate
+
+    if device not in ("cpu", "cuda"):
+        raise BadInput(f"--device {device!r}: expected cpu or cuda.")
+    run_generate(model, prompt, max_new_tokens=max_new_tokens, chat=chat, backend=backend, device=device,
+                 threads=threads)
+
+
+@app.command()
+@_handled
 def batch(
     manifest: Path = typer.Argument(..., help="YAML: `jobs:` (source, recipe, out, set, calib, eval) + `defaults:`."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Conversions at a time (each its own process; README: "
@@ -326,10 +396,11 @@ def recipes():
     table = Table(title="built-in recipes (configs/)")
     table.add_column("name")
     table.add_column("description")
+    table.add_column("measured on demo (Δppl · decode × · prefill ×)")
     table.add_column("transforms")
     for name, path in builtin_recipes().items():
         data = yaml.safe_load(path.read_text())
-        table.add_row(name, data.get("description", ""), json.dumps(data.get("transforms")))
+        table.add_row(name, data.get("description", ""), data.get("measured", ""), json.dumps(data.get("transforms")))
     out.print(table)
     for name, cls in TRANSFORMS.items():
         opts = Table(title=f"transform `{name}` — {cls.summary}")
@@ -375,6 +446,12 @@ def _terminate(signum, frame):
 
 
 def run() -> None:
+    """The `moefy` command: process-wide settings belong to the run, not to `import moefy`."""
+    # Large CPU tensors on transparent huge pages: streaming a checkpoint allocates a fresh buffer per
+    # tensor, and 4 KiB page faults made up a fifth of a 20 GB conversion's time (docs/BENCHMARKS.md).
+    # PyTorch reads this once, at its first large allocation (torch is not imported yet); a value the user
+    # set wins.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()

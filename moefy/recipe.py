@@ -57,6 +57,8 @@ class GatesConfig(_Strict):
 class Recipe(_Strict):
     name: str = "custom"
     description: str = ""
+    measured: str = Field("", description="what this recipe measured on the demo model, both axes: Δppl and "
+                                          "decode / prefill × dense (docs/BENCHMARKS.md, with the command)")
     transforms: list[dict[str, dict[str, Any] | None]] = Field(min_length=1)
     calibration: CalibrationConfig = CalibrationConfig()
     output: OutputConfig = OutputConfig()
