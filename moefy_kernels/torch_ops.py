@@ -13,6 +13,9 @@ copies each selected expert as one contiguous block.
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -87,16 +90,17 @@ def _grouped(x_sorted, row_weights, row_bias, counts, w13, w2, act, gated):
     return out
 
 
-GROUPED_COST = ((96, 1.3), (16, 2.5), (8, 5.0))  # (min width, grouped ÷ ideal cost), measured: BENCHMARKS.md
+# (min expert width, grouped-path cost ÷ its ideal k/E of a dense MLP): CPU, fp32, 512 tokens, 2 cores,
+# `python scripts/bench_cpu_paths.py` (docs/BENCHMARKS.md); ≥ 256 from bench_moe's 2048 / 8192 rows
+GROUPED_COST = ((256, 1.3), (96, 2.0), (24, 6.0), (8, 22.0))
 
 
 def _every_expert_is_faster(x: torch.Tensor, w2: torch.Tensor, top_k: int) -> bool:
     """On CPU, the every-expert path costs about one dense MLP; grouped matmuls cost the routed fraction k/E
-    of it times an overhead that grows as experts narrow (sorting, gathering, many small GEMMs; measured at
-    512 tokens on 2 cores: ≈ 1.3 at width ≥ 96, ≈ 2.5 at 16–95; at width 8 a training step with 26 of 128
-    experts took 6.1 s grouped vs 4.3 s every-expert while 18 of 168 stayed faster grouped, hence 5;
-    below 8 grouped is never taken: 76 of 672 2-wide experts took minutes per step). A fixed table, not a
-    timing at run time, so the same inputs always take the same path (training stays reproducible)."""
+    of it times an overhead that grows fast as experts narrow (sorting, gathering, many small GEMMs):
+    ≈ 2 at width 96, ≈ 4.5–8 at 24–32, ≈ 22 at 8, 84 at 2 (`GROUPED_COST`; below width 8 grouped is never
+    taken). A fixed table, not a timing at run time, so the same inputs always take the same path and a
+    run's numerics never depend on machine load."""
     if x.device.type != "cpu":
         return False
     width = w2.shape[-1]
@@ -115,10 +119,36 @@ def _every_expert(x, weights, experts, w13, w2, act, gated, b13):
     return F.linear(h.reshape(tokens, num * width), w2.permute(1, 0, 2).reshape(dim, num * width))
 
 
+_workspace = threading.local()  # per thread: {(slot, dtype): flat CPU buffer}, grown to the largest block seen
+
+
+def _gather(weights: torch.Tensor, index: torch.Tensor, slot: str) -> torch.Tensor:
+    """`weights.index_select(0, index)`, on CPU outside autograd into a buffer reused from call to call: a
+    fresh multi-MB block per decoded token costs more in page faults than the copy itself (bench_moe.py,
+    2048 × 8192, E16 k4, T = 1: 11.4 vs 4.7 ms per layer). One buffer per thread and slot, so concurrent
+    threads never share one; it holds at most one layer's experts."""
+    if weights.device.type != "cpu" or (torch.is_grad_enabled() and weights.requires_grad):
+        return weights.index_select(0, index)
+    shape = (index.numel(), *weights.shape[1:])
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((slot, weights.dtype))
+    if buffer is None or buffer.numel() < math.prod(shape):
+        buffer = buffers[slot, weights.dtype] = torch.empty(math.prod(shape), dtype=weights.dtype)
+    return torch.index_select(weights, 0, index, out=buffer[:math.prod(shape)].view(shape))
+
+
+# a selected expert at least this big (w13 + w2 bytes) is read in place, one matmul pair each, instead of
+# being copied into a gathered block (bench_moe.py, T = 1: 2048 × 8192 E16 k4, 12 MiB each, 1.9 vs 4.7 ms;
+# 576 × 1536 E16 k4, 648 KiB each, 0.20 vs 0.29 ms); in a timed loop over both at 576 × 1536, 216 KiB
+# experts (16 of 48) were a tie and 162 KiB ones (16 of 64) faster gathered, 0.17 vs 0.29 ms
+LOOP_MIN_EXPERT_BYTES = 256 * 1024
+
+
 def _gathered(x, weights, experts, w13, w2, act, gated, b13):
-    """A few tokens (decode): the union of their selected experts gathered into one block, one matmul in,
-    the GLU weighted per token, the same experts' down rows gathered, one matmul out. When the union is
-    every expert nothing is gathered (the weights are used in place)."""
+    """A few tokens (decode): the union of their selected experts, each token weighting the ones it did not
+    select 0. Small experts are gathered into one block (one matmul in, the GLU weighted per token, the
+    same experts' down rows gathered, one matmul out); big ones are read where they lie, one matmul pair
+    each (a copy would cost more than the per-expert call); a union of every expert is one dense pair."""
     tokens, num, dim = x.shape[0], w2.shape[0], w2.shape[1]
     if tokens == 1 and experts.shape[1] < num:
         chosen, w = experts[0], weights
@@ -126,7 +156,13 @@ def _gathered(x, weights, experts, w13, w2, act, gated, b13):
         dense_w = torch.zeros(tokens, num, dtype=x.dtype, device=x.device).scatter(1, experts, weights)
         chosen = torch.unique(experts) if tokens * experts.shape[1] < num else None
         w = dense_w if chosen is None else dense_w.index_select(1, chosen)
-    w13_c = w13 if chosen is None else w13.index_select(0, chosen)
+    if chosen is not None and (w13[0].numel() + w2[0].numel()) * w13.element_size() >= LOOP_MIN_EXPERT_BYTES:
+        out = torch.zeros_like(x)
+        for j, e in enumerate(chosen.tolist()):
+            z = F.linear(x, w13[e], None if b13 is None else b13[e])
+            out = out + F.linear(_glu(z, act, gated) * w[:, j, None], w2[e])
+        return out
+    w13_c = w13 if chosen is None else _gather(w13, chosen, "w13")
     z = F.linear(x, w13_c.reshape(-1, dim)).view(tokens, w13_c.shape[0], -1)
     if b13 is not None:
         z = z + (b13 if chosen is None else b13.index_select(0, chosen))
@@ -134,15 +170,25 @@ def _gathered(x, weights, experts, w13, w2, act, gated, b13):
     if chosen is None:  # a view in native's layout and in both `decode_layout`s; a copy of a contiguous w2
         return F.linear(h, w2.permute(1, 0, 2).reshape(dim, -1))
     # [E, I, H] is contiguous in the decode layout: each selected expert is one block copy
-    return h @ w2.transpose(1, 2).index_select(0, chosen).reshape(-1, dim)
+    return h @ _gather(w2.transpose(1, 2), chosen, "w2").reshape(-1, dim)
 
 
-def experts_torch(hidden, weights, experts, w13, w2, activation, gated, b13=None):
+PATHS = ("gathered", "every_expert", "grouped")
+
+
+def experts_torch(hidden, weights, experts, w13, w2, activation, gated, b13=None, *, path: str | None = None):
+    """The torch backend's experts; `path` forces one of PATHS (benchmarks compare them), else the rule:
+    gathered up to GATHER_MAX_TOKENS tokens, then every-expert or grouped by `GROUPED_COST`."""
     x, w13, w2, weights = hidden.float(), w13.float(), w2.float(), weights.float()
     b13 = None if b13 is None else b13.float()
-    if x.shape[0] <= GATHER_MAX_TOKENS:
+    if path is None:
+        path = ("gathered" if x.shape[0] <= GATHER_MAX_TOKENS else
+                "every_expert" if _every_expert_is_faster(x, w2, experts.shape[1]) else "grouped")
+    elif path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+    if path == "gathered":
         return _gathered(x, weights, experts, w13, w2, activation_fn(activation), gated, b13)
-    if _every_expert_is_faster(x, w2, experts.shape[1]):
+    if path == "every_expert":
         return _every_expert(x, weights, experts, w13, w2, activation_fn(activation), gated, b13)
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)

@@ -61,6 +61,13 @@ def test_torch_backend_gradients_match_the_reference(monkeypatch, tokens, expert
     _assert_torch_matches_reference(tokens, experts, width, 2, biased, True, "silu")
 
 
+@pytest.mark.parametrize("biased", [False, True])
+def test_decode_with_experts_read_in_place_has_the_reference_gradients(monkeypatch, biased):
+    """Big experts at decode are read in place (one matmul pair each): the training path's gradients too."""
+    monkeypatch.setattr(torch_ops, "LOOP_MIN_EXPERT_BYTES", 0)
+    _assert_torch_matches_reference(2, 6, 8, 2, biased, True, "silu")
+
+
 @pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu_tanh")])
 @pytest.mark.parametrize("biased", [False, True])
 def test_every_expert_path_matches_the_reference(monkeypatch, gated, activation, biased):
@@ -70,12 +77,13 @@ def test_every_expert_path_matches_the_reference(monkeypatch, gated, activation,
 
 
 def test_every_expert_path_is_chosen_where_it_was_measured_faster():
+    """The cases of scripts/bench_cpu_paths.py (512 tokens, docs/BENCHMARKS.md), each on its faster side."""
     x = torch.zeros(512, 576)
     assert torch_ops._every_expert_is_faster(x, torch.zeros(16, 576, 96), 16)  # mlpmoe: every expert selected
     assert not torch_ops._every_expert_is_faster(x, torch.zeros(16, 576, 96), 4)  # wide and sparse: grouped
-    assert torch_ops._every_expert_is_faster(x, torch.zeros(128, 576, 8), 26)  # a width-8 carve at 50 %
-    assert not torch_ops._every_expert_is_faster(x, torch.zeros(168, 576, 8), 18)  # 25 % of 192: grouped
-    assert not torch_ops._every_expert_is_faster(x, torch.zeros(48, 576, 24), 14)  # wide enough: grouped
+    assert torch_ops._every_expert_is_faster(x, torch.zeros(48, 576, 24), 16)  # carve-50's routed part
+    assert not torch_ops._every_expert_is_faster(x, torch.zeros(56, 576, 24), 8)  # carve-25's: grouped
+    assert torch_ops._every_expert_is_faster(x, torch.zeros(192, 576, 8), 32)  # 8-wide: grouped costs 22×
     assert torch_ops._every_expert_is_faster(x, torch.zeros(672, 576, 2), 76)  # 2-wide: dense at any ratio
     assert not torch_ops._every_expert_is_faster(x.to("meta"), torch.zeros(128, 576, 8), 26)  # only on CPU
 
@@ -86,12 +94,15 @@ GATHER_CASES = [(1, 8, 2), (1, 8, 8), (3, 16, 2), (5, 8, 2), (8, 48, 16), (2, 76
 @pytest.mark.parametrize("tokens,experts,top_k", GATHER_CASES)
 @pytest.mark.parametrize("layout", ["contiguous", "decode"])
 @pytest.mark.parametrize("gated,biased", [(True, False), (False, True)])
-def test_gathered_decode_path_matches_the_reference(tokens, experts, top_k, layout, gated, biased):
+@pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in-place"])
+def test_gathered_decode_path_matches_the_reference(monkeypatch, tokens, experts, top_k, layout, gated, biased,
+                                                    in_place):
     """Decode-sized batches (T ≤ GATHER_MAX_TOKENS) on the gathered path: one token, every expert selected,
     a union smaller than all experts, one that covers them all, a fine-grained 768 × 2 carve; w2 as given or
-    in its decode layout, input biases, a shared expert, expert scales — the reference's output within fp32
-    tolerance."""
+    in its decode layout, input biases, a shared expert, expert scales; experts copied into one block or
+    (as big ones are) read in place — the reference's output within fp32 tolerance."""
     assert tokens <= torch_ops.GATHER_MAX_TOKENS
+    monkeypatch.setattr(torch_ops, "LOOP_MIN_EXPERT_BYTES", 0 if in_place else 2**62)
     width = 2 if experts > 100 else 8
     w13, w2 = _weights(experts, width, 16, gated)
     w2 = torch_ops.decode_layout(w2, top_k) if layout == "decode" else w2
