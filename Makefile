@@ -53,8 +53,10 @@ bench: setup
 	$(BIN)/python scripts/bench_convert.py
 	$(BIN)/python scripts/bench_slice_curve.py
 
-bench-moe: setup  # ~1 min on 2 cores: the kernel table of docs/BENCHMARKS.md
+bench-moe: setup  # ~3 min on 2 cores: the kernel tables of docs/BENCHMARKS.md
 	$(BIN)/python scripts/bench_moe.py --json docs/bench_moe.json
+	$(BIN)/python scripts/bench_moe.py --shape 4096x14336 --experts 16:4 256:64 --tokens 1 --json docs/bench_moe_llama.json
+	$(BIN)/python scripts/bench_cpu_paths.py --json docs/bench_cpu_paths.json
 
 bench-carve: setup  # ~40 min on 2 cores: the carve table of docs/BENCHMARKS.md
 	$(BIN)/python scripts/bench_carve.py --windows 40 --samples 16 --json docs/bench_carve.json
