@@ -1,10 +1,11 @@
-"""Fast PyTorch experts (CPU and GPU). Decode (a few tokens): the selected experts' rows gathered into one
-block and one matmul pair, no loop over experts; on CPU with narrow experts, every expert as two dense
-matmuls (masked by the routing weights); else (token, slot) pairs sorted by expert and two grouped
-matmuls (`torch._grouped_mm` where this build has it, else one matmul pair per hit expert on contiguous
-slices), then `index_add` back to tokens. The routing weight scales the narrow intermediate (I_e wide),
-not the H-wide output; rows are gathered with `index_select` (3× faster than advanced indexing on CPU,
-measured). Every path is differentiable: end-to-end distillation trains on this backend.
+"""Fast PyTorch experts (CPU and GPU). Decode (a few tokens): the selected experts gathered into one
+block and one matmul pair (big experts read in place, a matmul pair each), no loop over small experts;
+on CPU with narrow experts, every expert as two dense matmuls (masked by the routing weights); else
+(token, slot) pairs sorted by expert and two grouped matmuls (`torch._grouped_mm` where this build has
+it, else one matmul pair per hit expert on contiguous slices), then `index_add` back to tokens. The
+routing weight scales the narrow intermediate (I_e wide), not the H-wide output; rows are gathered with
+`index_select` (3× faster than advanced indexing on CPU, measured). Every path is differentiable:
+end-to-end distillation trains on this backend.
 
 w2 [E, H, I] may be stored with its last dimension contiguous, or with each expert's down weights as rows
 ([E, I, H] in memory, `decode_layout` for blocks that select fewer than all experts), in which decode
