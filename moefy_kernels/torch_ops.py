@@ -20,6 +20,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from moefy_kernels import cpu_decode
 from moefy_kernels.routing import activation_fn
 
 GATHER_MAX_TOKENS = 8  # up to this many tokens, gathering the union of their experts beats sorting
@@ -145,11 +146,12 @@ def _gather(weights: torch.Tensor, index: torch.Tensor, slot: str) -> torch.Tens
 LOOP_MIN_EXPERT_BYTES = 256 * 1024
 
 
-def _gathered(x, weights, experts, w13, w2, act, gated, b13):
+def _gathered(x, weights, experts, w13, w2, act, gated, b13, fused=False):
     """A few tokens (decode): the union of their selected experts, each token weighting the ones it did not
-    select 0. Small experts are gathered into one block (one matmul in, the GLU weighted per token, the
-    same experts' down rows gathered, one matmul out); big ones are read where they lie, one matmul pair
-    each (a copy would cost more than the per-expert call); a union of every expert is one dense pair."""
+    select 0. With `fused`, the CPU decode kernel reads them in place in one call (`cpu_decode`). Else
+    small experts are gathered into one block (one matmul in, the GLU weighted per token, the same experts'
+    down rows gathered, one matmul out) and big ones read where they lie, one matmul pair each (a copy
+    would cost more than the per-expert call). A union of every expert is one dense matmul pair."""
     tokens, num, dim = x.shape[0], w2.shape[0], w2.shape[1]
     if tokens == 1 and experts.shape[1] < num:
         chosen, w = experts[0], weights
@@ -157,6 +159,8 @@ def _gathered(x, weights, experts, w13, w2, act, gated, b13):
         dense_w = torch.zeros(tokens, num, dtype=x.dtype, device=x.device).scatter(1, experts, weights)
         chosen = torch.unique(experts) if tokens * experts.shape[1] < num else None
         w = dense_w if chosen is None else dense_w.index_select(1, chosen)
+    if fused and chosen is not None:
+        return cpu_decode.swiglu_experts(x, w, chosen, w13, w2)
     if chosen is not None and (w13[0].numel() + w2[0].numel()) * w13.element_size() >= LOOP_MIN_EXPERT_BYTES:
         out = torch.zeros_like(x)
         for j, e in enumerate(chosen.tolist()):
@@ -188,7 +192,8 @@ def experts_torch(hidden, weights, experts, w13, w2, activation, gated, b13=None
     elif path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
     if path == "gathered":
-        return _gathered(x, weights, experts, w13, w2, activation_fn(activation), gated, b13)
+        return _gathered(x, weights, experts, w13, w2, activation_fn(activation), gated, b13,
+                         fused=cpu_decode.applies(x, w13, w2, activation, gated, b13))
     if path == "every_expert":
         return _every_expert(x, weights, experts, w13, w2, activation_fn(activation), gated, b13)
     flat = experts.reshape(-1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moefy.moe.modeling_moefy import _dense_masked_moe
-from moefy_kernels import BACKENDS, moe_forward, route, torch_ops
+from moefy_kernels import BACKENDS, cpu_decode, moe_forward, route, torch_ops
 
 
 def _weights(e, i, h, gated=True, seed=0):
@@ -65,6 +65,7 @@ def test_torch_backend_gradients_match_the_reference(monkeypatch, tokens, expert
 def test_decode_with_experts_read_in_place_has_the_reference_gradients(monkeypatch, biased):
     """Big experts at decode are read in place (one matmul pair each): the training path's gradients too."""
     monkeypatch.setattr(torch_ops, "LOOP_MIN_EXPERT_BYTES", 0)
+    monkeypatch.setattr(cpu_decode, "applies", lambda *_: False)
     _assert_torch_matches_reference(2, 6, 8, 2, biased, True, "silu")
 
 
@@ -94,15 +95,21 @@ GATHER_CASES = [(1, 8, 2), (1, 8, 8), (3, 16, 2), (5, 8, 2), (8, 48, 16), (2, 76
 @pytest.mark.parametrize("tokens,experts,top_k", GATHER_CASES)
 @pytest.mark.parametrize("layout", ["contiguous", "decode"])
 @pytest.mark.parametrize("gated,biased", [(True, False), (False, True)])
-@pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in-place"])
+@pytest.mark.parametrize("read", ["gathered", "in-place", "fused"])
 def test_gathered_decode_path_matches_the_reference(monkeypatch, tokens, experts, top_k, layout, gated, biased,
-                                                    in_place):
+                                                    read):
     """Decode-sized batches (T ≤ GATHER_MAX_TOKENS) on the gathered path: one token, every expert selected,
     a union smaller than all experts, one that covers them all, a fine-grained 768 × 2 carve; w2 as given or
-    in its decode layout, input biases, a shared expert, expert scales; experts copied into one block or
-    (as big ones are) read in place — the reference's output within fp32 tolerance."""
+    in its decode layout, input biases, a shared expert, expert scales; experts copied into one block, read
+    in place (as big ones are), or by the fused CPU kernel where it applies (SwiGLU, no biases, the decode
+    layout) — the reference's output within fp32 tolerance."""
     assert tokens <= torch_ops.GATHER_MAX_TOKENS
-    monkeypatch.setattr(torch_ops, "LOOP_MIN_EXPERT_BYTES", 0 if in_place else 2**62)
+    if read == "fused":
+        if cpu_decode.kernel() is None:
+            pytest.skip("the CPU decode kernel cannot be built here (no c++ / ninja)")
+    else:
+        monkeypatch.setattr(cpu_decode, "applies", lambda *_: False)
+    monkeypatch.setattr(torch_ops, "LOOP_MIN_EXPERT_BYTES", 0 if read == "in-place" else 2**62)
     width = 2 if experts > 100 else 8
     w13, w2 = _weights(experts, width, 16, gated)
     w2 = torch_ops.decode_layout(w2, top_k) if layout == "decode" else w2
@@ -115,6 +122,37 @@ def test_gathered_decode_path_matches_the_reference(monkeypatch, tokens, experts
     ref = moe_forward(x, logits, w13, w2, top_k, backend="reference", **kwargs)
     torch.testing.assert_close(moe_forward(x, logits, w13, w2, top_k, backend="torch", **kwargs), ref,
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,width,hidden", [(1, 8, 2, 8, 16), (1, 768, 128, 2, 40),
+                                                             (3, 16, 4, 24, 33), (8, 6, 6, 5, 16)])
+def test_fused_cpu_decode_kernel_matches_the_reference(tokens, experts, top_k, width, hidden):
+    """The C++ kernel on its own: odd hidden sizes (SIMD tails), 2-wide experts, several tokens, every
+    expert selected; the reference's fp32 output within 1e-5, and the same bytes with 1 and 2 threads
+    (its summation order does not depend on the thread count)."""
+    if cpu_decode.kernel() is None:
+        pytest.skip("the CPU decode kernel cannot be built here (no c++ / ninja)")
+    g = torch.Generator().manual_seed(tokens + experts)
+    w13 = torch.randn(experts, 2 * width, hidden, generator=g) / hidden ** 0.5
+    # [E, I, H] in memory, as for a block that routes (top-1), whatever k this call selects
+    w2 = torch_ops.decode_layout(torch.randn(experts, hidden, width, generator=g) / width ** 0.5, 1)
+    x = torch.randn(tokens, hidden, generator=g)
+    logits = torch.randn(tokens, experts, generator=g)
+    weights, chosen = route(logits, top_k)
+    ref = moe_forward(x, logits, w13, w2, top_k, backend="reference")
+    union = torch.unique(chosen)
+    dense_w = torch.zeros(tokens, experts).scatter(1, chosen, weights).index_select(1, union)
+    assert cpu_decode.applies(x, w13, w2, "silu", True, None)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(cpu_decode.swiglu_experts(x, dense_w, union, w13, w2))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_decode_layout_keeps_values_and_shape():
