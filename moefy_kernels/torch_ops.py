@@ -144,6 +144,10 @@ def _gather(weights: torch.Tensor, index: torch.Tensor, slot: str) -> torch.Tens
 # 576 × 1536 E16 k4, 648 KiB each, 0.20 vs 0.29 ms); in a timed loop over both at 576 × 1536, 216 KiB
 # experts (16 of 48) were a tie and 162 KiB ones (16 of 64) faster gathered, 0.17 vs 0.29 ms
 LOOP_MIN_EXPERT_BYTES = 256 * 1024
+# the fused CPU kernel reads experts up to this size; bigger ones go to MKL one matmul pair each, which reads
+# long rows faster (bench_moe.py, T = 1: 4096 × 14336 E16 k4, 42 MiB each, 7.35 ms fused vs 6.53 per
+# expert; E256 k64, 2.6 MiB each, 7.10 vs 7.65 ms; 2048 × 8192 E16 k4, 12 MiB each, 2.06 vs 1.90 ms)
+FUSED_MAX_EXPERT_BYTES = 4 * 2**20
 
 
 def _gathered(x, weights, experts, w13, w2, act, gated, b13, fused=False):
@@ -159,9 +163,10 @@ def _gathered(x, weights, experts, w13, w2, act, gated, b13, fused=False):
         dense_w = torch.zeros(tokens, num, dtype=x.dtype, device=x.device).scatter(1, experts, weights)
         chosen = torch.unique(experts) if tokens * experts.shape[1] < num else None
         w = dense_w if chosen is None else dense_w.index_select(1, chosen)
-    if fused and chosen is not None:
+    expert_bytes = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
+    if fused and chosen is not None and expert_bytes <= FUSED_MAX_EXPERT_BYTES:
         return cpu_decode.swiglu_experts(x, w, chosen, w13, w2)
-    if chosen is not None and (w13[0].numel() + w2[0].numel()) * w13.element_size() >= LOOP_MIN_EXPERT_BYTES:
+    if chosen is not None and expert_bytes >= LOOP_MIN_EXPERT_BYTES:
         out = torch.zeros_like(x)
         for j, e in enumerate(chosen.tolist()):
             z = F.linear(x, w13[e], None if b13 is None else b13[e])
