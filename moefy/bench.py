@@ -11,7 +11,6 @@ that the measured decode ratio is compared with.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
@@ -23,14 +22,8 @@ import torch
 from moefy.errors import BadInput
 from moefy.io.checkpoint import open_source
 from moefy.progress import log, progress
+from moefy.resources import checked_device, usable_cores
 from moefy.summary import summarize
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def machine() -> str:
@@ -124,8 +117,7 @@ def bench(model_spec: str, *, baseline: str | None, prompt_tokens: int = 512, ne
     threads = threads or usable_cores()
     if threads < 1:
         raise BadInput(f"--threads {threads} must be at least 1.")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda: no CUDA GPU is visible here; use --device cpu.")
+    device = checked_device(device)
     torch.set_num_threads(threads)
     backend = checked_backend(backend, device)
     specs = {"model": model_spec, **({"baseline": baseline} if baseline is not None else {})}

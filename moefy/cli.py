@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moefy.errors import BadInput, CheckFailed, MoefyError
+from moefy.resources import checked_device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert dense Hugging Face causal LMs into Mixture-of-Experts checkpoints.")
@@ -124,14 +125,7 @@ def convert(
     from moefy.convert import check_gates
     from moefy.recipe import load_recipe
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise BadInput(f"--device {device!r} is unknown; use auto, cpu or cuda.")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BadInput("--device cuda: this machine has no CUDA GPU that torch can use (the CPU build of torch, "
-                           "or no driver). Use --device cpu or auto.")
+    checked_device(device, ("auto", "cpu", "cuda"))
     if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         raise BadInput(f"--dtype {dtype!r} is unknown; use auto, float32, bfloat16 or float16.")
     from moefy.io.data import load_text
@@ -299,8 +293,7 @@ def bench(
     from moefy.bench import bench as run_bench
     from moefy.bench import default_baseline
 
-    if device not in ("cpu", "cuda"):
-        raise BadInput(f"--device {device!r}: expected cpu or cuda.")
+    checked_device(device)  # before default_baseline opens anything
     if baseline is None:
         baseline = default_baseline(model)
     elif baseline == "none":
@@ -341,8 +334,6 @@ def generate(
     """Greedy text from MODEL, streamed as it is decoded: look at what a conversion writes."""
     from moefy.generate import generate as run_generate
 
-    if device not in ("cpu", "cuda"):
-        raise BadInput(f"--device {device!r}: expected cpu or cuda.")
     run_generate(model, prompt, max_new_tokens=max_new_tokens, chat=chat, backend=backend, device=device,
                  threads=threads)
 

@@ -9,6 +9,7 @@ import torch
 
 from moefy.errors import BadInput
 from moefy.progress import log
+from moefy.resources import checked_device, usable_cores
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -32,13 +33,11 @@ def generate(model_spec: str, prompt: str, *, max_new_tokens: int = 64, chat: bo
     text and the decode speed."""
     from transformers import TextStreamer
 
-    from moefy.bench import usable_cores
     from moefy.loading import load_model, load_tokenizer
 
     if max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens {max_new_tokens} must be at least 1.")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda: no CUDA GPU is visible here; use --device cpu.")
+    device = checked_device(device)
     torch.set_num_threads(threads or usable_cores())
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, backend=backend, device=device)
