@@ -15,13 +15,12 @@ import gc
 import math
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from moefy.errors import CheckFailed
-from moefy.progress import log
+from moefy.progress import log, transformers_log
 from moefy.resources import available_memory
 
 PROMPTS, PROMPT_TOKENS = 2, 32
@@ -81,14 +80,12 @@ def check_as_loaded(out_dir: Path, source_dir: Path, native: bool, exact: bool, 
 def _load(path: Path, native: bool, meta: bool):
     """(model, loading info); a load transformers gives up on is CheckFailed quoting its report."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     from moefy.moe.modeling_moefy import MoefyForCausalLM
 
-    hf_logging.disable_progress_bar()
     cls = MoefyForCausalLM if native else AutoModelForCausalLM
     kwargs = {"device_map": "meta"} if meta else {}
-    with _load_report() as report, warnings.catch_warnings():
+    with transformers_log() as report, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             model, info = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
@@ -100,23 +97,6 @@ def _load(path: Path, native: bool, meta: bool):
                               f"OUT was not published. This is a moefy bug for this family or transformers "
                               f"version: please report it.") from None
     return model.eval(), info
-
-
-@contextmanager
-def _load_report():
-    """transformers' load report (logged, not raised), captured instead of printed: the check gives its own."""
-    import logging
-
-    logger = logging.getLogger("transformers")
-    lines: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: lines.extend(record.getMessage().splitlines())
-    saved = logger.handlers[:], logger.level
-    logger.handlers, logger.level = [handler], logging.WARNING
-    try:
-        yield lines
-    finally:
-        logger.handlers, logger.level = saved
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:

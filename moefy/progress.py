@@ -45,3 +45,24 @@ def progress(description: str, total: int):
             log(f"{description}: {done}/{total} ({time.perf_counter() - start:.1f}s)")
 
     yield advance
+
+
+@contextmanager
+def transformers_log():
+    """Yield the lines transformers logs (its load report: missing keys, new weights), captured instead of
+    printed, with its progress bars off: moefy reports in its own words."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logger = logging.getLogger("transformers")
+    lines: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.extend(record.getMessage().splitlines())
+    saved = logger.handlers[:], logger.level
+    logger.handlers, logger.level = [handler], logging.WARNING
+    try:
+        yield lines
+    finally:
+        logger.handlers, logger.level = saved

@@ -7,7 +7,9 @@ dequantized once into a cached directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -18,6 +20,7 @@ import torch
 
 from moefy.arch import check_config
 from moefy.errors import BadInput
+from moefy.io.gguf_file import check_gguf
 from moefy.io.overlap import prefetch
 from moefy.io.safetensors_file import SafetensorsFile
 
@@ -265,16 +268,26 @@ def _materialize_gguf(gguf: Path, target: Path | None = None) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moefy.progress import log
+    from moefy.progress import log, transformers_log
 
-    log(f"dequantizing {gguf.name} once into {target} (cached for later runs)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        import gguf as _  # noqa: F401 - transformers reads .gguf files with it
     except ImportError as exc:
         raise BadInput(f"loading {gguf} needs the `gguf` package ({exc}). Run `pip install gguf`.") from None
+    check_gguf(gguf)
+    log(f"dequantizing {gguf.name} once into {target} (cached for later runs)")
+    try:
+        with transformers_log(), contextlib.redirect_stderr(io.StringIO()):  # and its GGUF tqdm bar
+            model, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                               dtype=torch.float32, output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for unreadable files
         raise BadInput(f"{gguf} could not be read as a GGUF model ({exc}).") from None
+    missing = sorted(info["missing_keys"]) + sorted(info["mismatched_keys"])
+    if missing:  # transformers fills these with random values and carries on
+        raise BadInput(f"{gguf} lacks tensors its architecture needs, or holds them in other shapes "
+                       f"({', '.join(map(str, missing[:5]))}{' …' if len(missing) > 5 else ''}): it is "
+                       f"incomplete or not a model transformers can read. Re-export it with llama.cpp's converter.")
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
