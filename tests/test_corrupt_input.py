@@ -191,6 +191,21 @@ def test_a_file_that_changes_while_being_read_is_a_clear_error(tmp_path):
     file.close()
 
 
+def test_tensors_already_read_survive_the_file_shrinking(tmp_path):
+    """A tensor read before the source shrank stays readable: it is not a memory map of the file, whose
+    pages would end the process with SIGBUS when touched (a conversion was killed so, exit 135)."""
+    path = tmp_path / "x.safetensors"
+    save_file({"w": torch.arange(4096 * 4, dtype=torch.float32)}, str(path))
+    file = SafetensorsFile(path)
+    tensor = file.read("w")
+    with open(path, "r+b") as f:
+        f.truncate(64)
+    assert float(tensor.sum()) == float(torch.arange(4096 * 4, dtype=torch.float64).sum())
+    with pytest.raises(CheckFailed, match="changed while moefy was reading it"):
+        file.read("w")
+    file.close()
+
+
 def test_eval_refuses_windows_longer_than_the_model_and_reports_nan_perplexity(tiny, tmp_path, text_file):
     from safetensors.torch import load_file
 

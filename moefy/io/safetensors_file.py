@@ -1,8 +1,8 @@
 """The safetensors file format, read tensor by tensor and written as a stream.
 
-Each tensor read is a private memory map of its own byte range, released with the tensor, so a
-process's memory holds the tensors it still uses and nothing else (a mapping of a whole shard
-counts every page it ever touched in RSS).  Writing
+Each tensor is read (`pread`) into memory of its own, released with the tensor, so a process's memory
+holds the tensors it still uses and nothing else, and a source that shrinks while it is read is an error
+moefy reports (a memory map of it would end the process with SIGBUS).  Writing
 streams each tensor to disk as it arrives: the header area is reserved up front and filled in
 when the shard closes (the format allows a header padded with spaces).
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
 import os
 import struct
 from pathlib import Path
@@ -111,8 +110,8 @@ def _check_entry(path: Path, name: str, info) -> None:
 class SafetensorsFile:
     """One safetensors file: its header, tensors read by byte range, and an in-order pass that hashes it.
 
-    Reads map or `pread` their own byte range (no shared file position), so threads may read the same
-    file at once."""
+    Reads `pread` their own byte range (no shared file position), so threads may read the same file at
+    once."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -121,20 +120,14 @@ class SafetensorsFile:
         self._fd: int | None = None
 
     def read(self, name: str) -> torch.Tensor:
-        """The tensor, on a private mapping of its own byte range: no copy and no zeroed buffer, and its pages
-        leave the process with the tensor (a shard-wide mapping would keep every touched page)."""
+        """The tensor, read (`pread`) into memory of its own. Not a memory map: pages of a map whose file
+        shrinks afterwards kill the process with SIGBUS whenever they are touched, however late; a read
+        that comes up short is an error moefy can report."""
         info = self.header[name]
-        dtype = DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
-        offset = self.data_start + start
-        base = offset - offset % mmap.ALLOCATIONGRANULARITY
-        if end == start or (offset - base) % dtype.itemsize:  # empty, or misaligned for its dtype: copy it
-            return self._read_range(offset, end - start).view(dtype).reshape(info["shape"])
-        self._unchanged()  # a mapping past the end of a file that shrank would kill the process (SIGBUS)
-        mapping = mmap.mmap(self._fileno(), offset - base + end - start, access=mmap.ACCESS_COPY, offset=base)
-        mapping.madvise(mmap.MADV_SEQUENTIAL)
-        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - start, offset=offset - base)
-        return raw.view(dtype).reshape(info["shape"])
+        self._unchanged()
+        raw = self._read_range(self.data_start + start, end - start)
+        return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
 
     def stream(self, on_done=None):
         """Yield (name, tensor) in file order, reading every byte once; `on_done(sha256)` gets the file's digest.
@@ -178,6 +171,7 @@ class SafetensorsFile:
         while done < length:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
+                self._unchanged()
                 raise BadInput(f"{self.path} ended early while reading a tensor. Re-download the checkpoint.")
             done += got
         return raw
