@@ -14,14 +14,20 @@ from moefy.moe.modeling_moefy import MoeBlock, MoefyConfig, MoefyForCausalLM
 from moefy_kernels import BACKENDS, decode_layout, resolve_backend
 
 _registered = False
-STANDARD_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "GraniteMoeMoE",
-                   "GraniteMoeSharedMoE")  # transformers' MoE block classes of the standard export formats
+
+
+def _standard_formats() -> dict:
+    """{transformers MoE block class name: the standard export format it belongs to}."""
+    from moefy.export import FORMATS
+
+    return {fmt.block_class: fmt for fmt in FORMATS.values() if fmt.block_class}
 
 
 def moe_blocks(model) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every MoE block of a loaded model: native MoeBlocks and standard transformers blocks."""
+    standard = _standard_formats()
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, MoeBlock) or type(module).__name__ in STANDARD_BLOCKS]
+            if isinstance(module, MoeBlock) or type(module).__name__ in standard]
 
 
 def _register_with_transformers() -> None:
@@ -106,15 +112,16 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
     else:
         return model
     if device == "cpu":
-        _store_for_decode(model)
+        _store_for_decode(model, backend)
     return model
 
 
-def _store_for_decode(model) -> None:
+def _store_for_decode(model, backend: str) -> None:
     """Re-store every MoE block's routed down weights in `decode_layout` (same values and shapes): blocks that
     select fewer than all experts as [E, I, H] (a decoded token copies each selected expert as one block),
     standard blocks that select every expert as [H, E, I] (one dense matmul). Native blocks that select every
-    expert already store the dense [H, Σ I]; shared experts keep their dense [H, I_s]. One block at a time."""
+    expert already store the dense [H, Σ I]; shared experts keep their dense [H, I_s]. On the torch backend a
+    standard format may then install its own faster decode (`ExportFormat.fast_decode`). One block at a time."""
     for _, block in moe_blocks(model):
         if isinstance(block, MoeBlock):
             if block.router is not None and block.top_k < len(block.experts.widths):
@@ -123,6 +130,8 @@ def _store_for_decode(model) -> None:
         else:
             w2 = block.experts.down_proj
             w2.data = decode_layout(w2.data, model.config.num_experts_per_tok)
+            if backend == "torch":
+                _standard_formats()[type(block).__name__].fast_decode(block, model.config)
 
 
 def load_tokenizer(spec):

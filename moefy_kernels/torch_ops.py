@@ -150,22 +150,33 @@ LOOP_MIN_EXPERT_BYTES = 256 * 1024
 FUSED_MAX_EXPERT_BYTES = 4 * 2**20
 
 
+def selected_union(weights: torch.Tensor, experts: torch.Tensor, num: int):
+    """(the experts any of a few tokens selected [U] — None when that is every expert —, each token's weight
+    for each of them [T, U], 0 where it did not select it)."""
+    tokens = weights.shape[0]
+    if tokens == 1 and experts.shape[1] < num:
+        return experts[0], weights
+    dense_w = torch.zeros(tokens, num, dtype=weights.dtype, device=weights.device).scatter(1, experts, weights)
+    chosen = torch.unique(experts) if tokens * experts.shape[1] < num else None
+    return chosen, dense_w if chosen is None else dense_w.index_select(1, chosen)
+
+
+def fused_fits(w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether the fused CPU kernel, rather than MKL, should read these experts (FUSED_MAX_EXPERT_BYTES)."""
+    return (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size() <= FUSED_MAX_EXPERT_BYTES
+
+
 def _gathered(x, weights, experts, w13, w2, act, gated, b13, fused=False):
     """A few tokens (decode): the union of their selected experts, each token weighting the ones it did not
     select 0. With `fused`, the CPU decode kernel reads them in place in one call (`cpu_decode`). Else
     small experts are gathered into one block (one matmul in, the GLU weighted per token, the same experts'
     down rows gathered, one matmul out) and big ones read where they lie, one matmul pair each (a copy
     would cost more than the per-expert call). A union of every expert is one dense matmul pair."""
-    tokens, num, dim = x.shape[0], w2.shape[0], w2.shape[1]
-    if tokens == 1 and experts.shape[1] < num:
-        chosen, w = experts[0], weights
-    else:
-        dense_w = torch.zeros(tokens, num, dtype=x.dtype, device=x.device).scatter(1, experts, weights)
-        chosen = torch.unique(experts) if tokens * experts.shape[1] < num else None
-        w = dense_w if chosen is None else dense_w.index_select(1, chosen)
-    expert_bytes = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
-    if fused and chosen is not None and expert_bytes <= FUSED_MAX_EXPERT_BYTES:
+    tokens, dim = x.shape[0], w2.shape[1]
+    chosen, w = selected_union(weights, experts, w2.shape[0])
+    if fused and chosen is not None and fused_fits(w13, w2):
         return cpu_decode.swiglu_experts(x, w, chosen, w13, w2)
+    expert_bytes = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
     if chosen is not None and expert_bytes >= LOOP_MIN_EXPERT_BYTES:
         out = torch.zeros_like(x)
         for j, e in enumerate(chosen.tolist()):

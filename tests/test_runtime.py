@@ -8,6 +8,7 @@ import torch
 
 import moefy
 from moefy.bench import decode_weight_bytes
+from moefy_kernels import cpu_decode
 from tests.conftest import load_dense, read_json, run_cli
 
 # (family, shared experts, format): routed carves with distinct experts, so a wrong expert choice shows
@@ -40,6 +41,10 @@ def test_decode_on_the_gathered_path_equals_the_reference(tiny, text_file, tmp_p
     out = _carve(tiny, text_file, tmp_path, family, shared, fmt)
     fast, ref = moefy.load(out, backend="torch"), moefy.load(out, backend="reference")
     assert all(w.transpose(-1, -2).is_contiguous() for w in _down_weights(fast))  # stored for decode
+    if fmt == "qwen2_moe" and cpu_decode.kernel() is not None:  # its block decodes in one kernel call
+        from moefy.loading import moe_blocks
+
+        assert all("forward" in vars(block) for _, block in moe_blocks(fast))
     for shape in ((1, 1), (3, 1), (1, 6)):
         ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(sum(shape)))
         with torch.no_grad():

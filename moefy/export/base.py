@@ -33,6 +33,11 @@ class ExportFormat:
     name: ClassVar[str]
     summary: ClassVar[str]
     model_type: ClassVar[str]  # config.json `model_type` of checkpoints in this format
+    block_class: ClassVar[str | None] = None  # the class name of its MoE block once transformers loads it
+
+    def fast_decode(self, block, config) -> None:
+        """Let a loaded MoE block of this format decode faster on CPU, computing the same function. Nothing by
+        default: the torch backend already runs the routed experts through transformers' experts hook."""
 
     def unsupported(self, source: SourceInfo, plan: LayerPlan) -> str | None:
         """Why this format cannot hold the model at all (None when it can)."""

@@ -12,6 +12,7 @@ class GraniteMoeFormat(StandardMoeFormat):
     summary = "GraniteMoeForCausalLM: Granite sources, routed experts, softmax top-k renormalised"
     model_type = "granitemoe"
     architecture = "GraniteMoeForCausalLM"
+    block_class = "GraniteMoeMoE"
     block_attr = "block_sparse_moe"
     num_experts_key = "num_local_experts"
     width_key = "intermediate_size"
@@ -36,6 +37,7 @@ class GraniteMoeSharedFormat(GraniteMoeFormat):
     summary = "GraniteMoeSharedForCausalLM: GraniteMoe plus an always-on shared expert (plain sum)"
     model_type = "granitemoeshared"
     architecture = "GraniteMoeSharedForCausalLM"
+    block_class = "GraniteMoeSharedMoE"  # the routed experts; the shared MLP is the decoder layer's
     has_shared = True
     shared_width_key = "shared_intermediate_size"
 

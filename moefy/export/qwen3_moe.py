@@ -6,6 +6,7 @@ class Qwen3MoeFormat(StandardMoeFormat):
     summary = "Qwen3MoeForCausalLM: Qwen3 sources, routed experts, softmax top-k (renormalised or not)"
     model_type = "qwen3_moe"
     architecture = "Qwen3MoeForCausalLM"
+    block_class = "Qwen3MoeSparseMoeBlock"
     block_attr = "mlp"
     expert_names = ("gate_proj", "up_proj", "down_proj")
     num_experts_key = "num_local_experts"
