@@ -12,6 +12,7 @@ from moefy.io.checkpoint import open_source
 from moefy.io.layout import config_error
 from moefy.moe.modeling_moefy import MoeBlock, MoefyConfig, MoefyForCausalLM
 from moefy_kernels import BACKENDS, decode_layout, resolve_backend
+from moefy_kernels.cpu_decode import rows_layout
 
 _registered = False
 
@@ -120,13 +121,16 @@ def _store_for_decode(model, backend: str) -> None:
     """Re-store every MoE block's routed down weights in `decode_layout` (same values and shapes): blocks that
     select fewer than all experts as [E, I, H] (a decoded token copies each selected expert as one block),
     standard blocks that select every expert as [H, E, I] (one dense matmul). Native blocks that select every
-    expert already store the dense [H, Σ I]; shared experts keep their dense [H, I_s]. On the torch backend a
-    standard format may then install its own faster decode (`ExportFormat.fast_decode`). One block at a time."""
+    expert already store the dense [H, Σ I]. On the torch backend, a native shared expert beside routed ones is
+    stored as rows ([I_s, H] in memory: the fused decode kernel reads it in the routed experts' call), and a
+    standard format may install its own faster decode (`ExportFormat.fast_decode`). One block at a time."""
     for _, block in moe_blocks(model):
         if isinstance(block, MoeBlock):
             if block.router is not None and block.top_k < len(block.experts.widths):
                 w2 = decode_layout(block.experts.stacked()[1], block.top_k)  # [E, H, I] stored as [E, I, H]
                 block.experts.down_proj.data = w2.permute(1, 0, 2).reshape(w2.shape[1], -1)  # [H, Σ I], a view
+                if block.shared is not None and backend == "torch":  # read as rows with the routed experts
+                    block.shared.down_proj.data = rows_layout(block.shared.down_proj.data)
         else:
             w2 = block.experts.down_proj
             w2.data = decode_layout(w2.data, model.config.num_experts_per_tok)

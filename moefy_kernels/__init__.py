@@ -16,7 +16,7 @@ import torch
 
 from moefy_kernels.reference import experts_reference
 from moefy_kernels.routing import ACTIVATIONS, route
-from moefy_kernels.torch_ops import decode_layout, experts_torch
+from moefy_kernels.torch_ops import decode_layout, experts_torch, fused_decode
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,12 @@ def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
     weights, experts = chosen.route(router_logits, top_k, scoring, combine)
     if expert_scales is not None:
         weights = weights * expert_scales.float()[experts]
+    if chosen is BACKENDS["torch"] and shared is not None and (len(shared) == 2 or shared[2] is None) and gated:
+        width = shared[1].shape[1]  # decode: the shared expert in the routed experts' kernel call
+        out = fused_decode(hidden, weights, experts, w13, w2, activation, gated, b13,
+                           (shared[0][:width], shared[0][width:], shared[1], None))
+        if out is not None:
+            return out.to(hidden.dtype)
     out = chosen.experts(hidden, weights, experts, w13, w2, activation, gated, b13)
     if shared is not None:  # one expert that every token selects with weight 1: a dense GEMM pair
         tokens = hidden.shape[0]

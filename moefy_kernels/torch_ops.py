@@ -166,6 +166,19 @@ def fused_fits(w13: torch.Tensor, w2: torch.Tensor) -> bool:
     return (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size() <= FUSED_MAX_EXPERT_BYTES
 
 
+def fused_decode(x, weights, experts, w13, w2, activation, gated, b13=None, shared=None):
+    """A few tokens' routed experts, plus an always-on `shared` expert (gate rows, up rows [Is, H], down [H, Is]
+    stored as rows, its sigmoid gate [1, H] or None), in one call of the fused CPU kernel; None where that
+    kernel does not apply, and the caller takes its usual path."""
+    if x.shape[0] > GATHER_MAX_TOKENS or not (cpu_decode.applies(x, w13, w2, activation, gated, b13)
+                                             and fused_fits(w13, w2)):
+        return None
+    if shared is not None and not cpu_decode.shared_applies(*shared):
+        return None
+    chosen, w = selected_union(weights.float(), experts, w2.shape[0])
+    return None if chosen is None else cpu_decode.swiglu_experts(x, w, chosen, w13, w2, shared)
+
+
 def _gathered(x, weights, experts, w13, w2, act, gated, b13, fused=False):
     """A few tokens (decode): the union of their selected experts, each token weighting the ones it did not
     select 0. With `fused`, the CPU decode kernel reads them in place in one call (`cpu_decode`). Else

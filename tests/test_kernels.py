@@ -124,12 +124,14 @@ def test_gathered_decode_path_matches_the_reference(monkeypatch, tokens, experts
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shared", [None, "gated", "ungated"])
 @pytest.mark.parametrize("tokens,experts,top_k,width,hidden", [(1, 8, 2, 8, 16), (1, 768, 128, 2, 40),
                                                              (3, 16, 4, 24, 33), (8, 6, 6, 5, 16)])
-def test_fused_cpu_decode_kernel_matches_the_reference(tokens, experts, top_k, width, hidden):
+def test_fused_cpu_decode_kernel_matches_the_reference(tokens, experts, top_k, width, hidden, shared):
     """The C++ kernel on its own: odd hidden sizes (SIMD tails), 2-wide experts, several tokens, every
-    expert selected; the reference's fp32 output within 1e-5, and the same bytes with 1 and 2 threads
-    (its summation order does not depend on the thread count)."""
+    expert selected, a shared expert (sigmoid-gated as Qwen2-MoE's, or a plain sum) in the same call; the
+    reference's fp32 output within 1e-5, and the same bytes with 1 and 2 threads (its summation order does
+    not depend on the thread count)."""
     if cpu_decode.kernel() is None:
         pytest.skip("the CPU decode kernel cannot be built here (no c++ / ninja)")
     g = torch.Generator().manual_seed(tokens + experts)
@@ -140,6 +142,15 @@ def test_fused_cpu_decode_kernel_matches_the_reference(tokens, experts, top_k, w
     logits = torch.randn(tokens, experts, generator=g)
     weights, chosen = route(logits, top_k)
     ref = moe_forward(x, logits, w13, w2, top_k, backend="reference")
+    extra = None
+    if shared is not None:
+        sg, su = (torch.randn(3 * width, hidden, generator=g) / hidden ** 0.5 for _ in range(2))
+        s2 = cpu_decode.rows_layout(torch.randn(hidden, 3 * width, generator=g) / width ** 0.5)
+        gate = torch.randn(1, hidden, generator=g) if shared == "gated" else None
+        extra = (sg, su, s2, gate)
+        assert cpu_decode.shared_applies(*extra)
+        scale = torch.sigmoid(x @ gate.T) if gate is not None else 1.0
+        ref = ref + scale * torch.nn.functional.linear(torch.nn.functional.silu(x @ sg.T) * (x @ su.T), s2)
     union = torch.unique(chosen)
     dense_w = torch.zeros(tokens, experts).scatter(1, chosen, weights).index_select(1, union)
     assert cpu_decode.applies(x, w13, w2, "silu", True, None)
@@ -148,7 +159,7 @@ def test_fused_cpu_decode_kernel_matches_the_reference(tokens, experts, top_k, w
         outs = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            outs.append(cpu_decode.swiglu_experts(x, dense_w, union, w13, w2))
+            outs.append(cpu_decode.swiglu_experts(x, dense_w, union, w13, w2, extra))
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(outs[0], ref, atol=1e-5, rtol=1e-5)

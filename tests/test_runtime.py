@@ -41,10 +41,14 @@ def test_decode_on_the_gathered_path_equals_the_reference(tiny, text_file, tmp_p
     out = _carve(tiny, text_file, tmp_path, family, shared, fmt)
     fast, ref = moefy.load(out, backend="torch"), moefy.load(out, backend="reference")
     assert all(w.transpose(-1, -2).is_contiguous() for w in _down_weights(fast))  # stored for decode
-    if fmt == "qwen2_moe" and cpu_decode.kernel() is not None:  # its block decodes in one kernel call
+    if cpu_decode.kernel() is not None:  # shared experts are read in the routed experts' kernel call
         from moefy.loading import moe_blocks
 
-        assert all("forward" in vars(block) for _, block in moe_blocks(fast))
+        blocks = [block for _, block in moe_blocks(fast)]
+        if fmt == "qwen2_moe":  # its block decodes in one kernel call, after its own router
+            assert all("forward" in vars(block) for block in blocks)
+        if fmt == "native" and shared:
+            assert all(block.shared.down_proj.t().is_contiguous() for block in blocks)
     for shape in ((1, 1), (3, 1), (1, 6)):
         ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(sum(shape)))
         with torch.no_grad():

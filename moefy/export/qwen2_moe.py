@@ -5,7 +5,7 @@ import torch
 from moefy.arch.base import ACTIVATION_NAMES
 from moefy.export.base import StandardMoeFormat, head_dim
 from moefy_kernels import cpu_decode
-from moefy_kernels.torch_ops import GATHER_MAX_TOKENS, fused_fits, selected_union
+from moefy_kernels.torch_ops import GATHER_MAX_TOKENS, fused_decode, fused_fits
 
 
 class Qwen2MoeFormat(StandardMoeFormat):
@@ -59,17 +59,14 @@ class Qwen2MoeFormat(StandardMoeFormat):
 
 def _qwen2_moe_decode(block, hidden_states: torch.Tensor) -> torch.Tensor:
     """Qwen2MoeSparseMoeBlock.forward, a few tokens on the fused CPU kernel outside autograd; anything else as
-    transformers runs it. The weights' layouts were checked when it was installed (`fast_decode`)."""
+    transformers runs it."""
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    if x.shape[0] > GATHER_MAX_TOKENS or x.dtype != torch.float32 or x.device.type != "cpu" \
-            or torch.is_grad_enabled():
-        return type(block).forward(block, hidden_states)
-    _, weights, index = block.gate(x)
-    experts, shared = block.experts, block.shared_expert
-    chosen, weights = selected_union(weights, index, experts.down_proj.shape[0])
-    if chosen is None:
-        return type(block).forward(block, hidden_states)
-    y = cpu_decode.kernel().swiglu_experts(x, experts.gate_up_proj, experts.down_proj, chosen, weights,
-                                           shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight,
-                                           block.shared_expert_gate.weight)
-    return y.view(hidden_states.shape)
+    if x.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled():
+        _, weights, index = block.gate(x)
+        experts, shared = block.experts, block.shared_expert
+        y = fused_decode(x, weights, index, experts.gate_up_proj, experts.down_proj, "silu", True, None,
+                         (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight,
+                          block.shared_expert_gate.weight))
+        if y is not None:
+            return y.view(hidden_states.shape)
+    return type(block).forward(block, hidden_states)
