@@ -1,15 +1,16 @@
-"""Fast PyTorch experts (CPU and GPU). Decode (a few tokens): the selected experts gathered into one
-block and one matmul pair (big experts read in place, a matmul pair each), no loop over small experts;
-on CPU with narrow experts, every expert as two dense matmuls (masked by the routing weights); else
-(token, slot) pairs sorted by expert and two grouped matmuls (`torch._grouped_mm` where this build has
-it, else one matmul pair per hit expert on contiguous slices), then `index_add` back to tokens. The
-routing weight scales the narrow intermediate (I_e wide), not the H-wide output; rows are gathered with
-`index_select` (3× faster than advanced indexing on CPU, measured). Every path is differentiable:
-end-to-end distillation trains on this backend.
+"""Fast PyTorch experts (CPU and GPU). Decode (a few tokens): on CPU in fp32, the fused kernel reads the
+selected experts in place in one call (`cpu_decode`, with a shared expert where the block has one); else
+the selected experts gathered into one block and one matmul pair (big experts read in place, a matmul pair
+each), no loop over small experts. Prefill: on CPU with narrow experts, every expert as two dense matmuls
+(masked by the routing weights); else (token, slot) pairs sorted by expert and two grouped matmuls
+(`torch._grouped_mm` where this build has it, else one matmul pair per hit expert on contiguous slices),
+then `index_add` back to tokens. The routing weight scales the narrow intermediate (I_e wide), not the
+H-wide output; rows are gathered with `index_select` (3× faster than advanced indexing on CPU, measured).
+Every path is differentiable: end-to-end distillation trains on this backend.
 
 w2 [E, H, I] may be stored with its last dimension contiguous, or with each expert's down weights as rows
-([E, I, H] in memory, `decode_layout` for blocks that select fewer than all experts), in which decode
-copies each selected expert as one contiguous block.
+([E, I, H] in memory, `decode_layout`), which the fused kernel reads in place and the gathered path copies
+as one contiguous block per selected expert.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ GATHER_MAX_TOKENS = 8  # up to this many tokens, gathering the union of their ex
 
 
 def decode_layout(w2: torch.Tensor, top_k: int) -> torch.Tensor:
-    """w2 [E, H, I] with the same values and shape, re-stored so that CPU decode reads it cheapest. A block
-    that selects fewer than all of its experts gets [E, I, H] in memory: each selected expert's down weights
-    are then one contiguous block to gather, not H strided pieces. One that selects every expert (top_k = E)
-    gets [H, E, I]: the dense MLP's down matrix [H, E·I], a view that one matmul reads at dense speed."""
-    if top_k < w2.shape[0]:
+    """w2 [E, H, I] with the same values and shape, re-stored so that CPU decode reads it cheapest: [E, I, H]
+    in memory, where the fused kernel reads each expert's down weights as rows and a gathered copy of the
+    selected ones is one contiguous block each (not H strided pieces). Without the kernel, a block that selects
+    every expert (top_k = E) gets [H, E, I] instead: the dense MLP's down matrix [H, E·I], which MKL's one
+    matmul per decoded token reads ~10 % faster than its transpose (prefill reads either at the same speed)."""
+    if top_k < w2.shape[0] or cpu_decode.kernel() is not None:
         return w2.transpose(1, 2).contiguous().transpose(1, 2)
     return w2.permute(1, 0, 2).contiguous().permute(1, 0, 2)
 
@@ -175,20 +177,22 @@ def fused_decode(x, weights, experts, w13, w2, activation, gated, b13=None, shar
         return None
     if shared is not None and not cpu_decode.shared_applies(*shared):
         return None
+    if x.shape[0] == 1:  # one token: its experts in routing order, every one of them too (the kernel takes any)
+        return cpu_decode.swiglu_experts(x, weights.float(), experts[0], w13, w2, shared)
     chosen, w = selected_union(weights.float(), experts, w2.shape[0])
-    return None if chosen is None else cpu_decode.swiglu_experts(x, w, chosen, w13, w2, shared)
+    if chosen is None:  # every expert: read in place all the same (~50 µs a layer fewer than a matmul pair)
+        chosen = torch.arange(w2.shape[0])
+    return cpu_decode.swiglu_experts(x, w, chosen, w13, w2, shared)
 
 
-def _gathered(x, weights, experts, w13, w2, act, gated, b13, fused=False):
-    """A few tokens (decode): the union of their selected experts, each token weighting the ones it did not
-    select 0. With `fused`, the CPU decode kernel reads them in place in one call (`cpu_decode`). Else
-    small experts are gathered into one block (one matmul in, the GLU weighted per token, the same experts'
-    down rows gathered, one matmul out) and big ones read where they lie, one matmul pair each (a copy
-    would cost more than the per-expert call). A union of every expert is one dense matmul pair."""
+def _gathered(x, weights, experts, w13, w2, act, gated, b13):
+    """A few tokens (decode) where the fused kernel does not apply: the union of their selected experts, each
+    token weighting the ones it did not select 0. Small experts are gathered into one block (one matmul in,
+    the GLU weighted per token, the same experts' down rows gathered, one matmul out) and big ones read where
+    they lie, one matmul pair each (a copy would cost more than the per-expert call). A union of every expert
+    is one dense matmul pair."""
     tokens, dim = x.shape[0], w2.shape[1]
     chosen, w = selected_union(weights, experts, w2.shape[0])
-    if fused and chosen is not None and fused_fits(w13, w2):
-        return cpu_decode.swiglu_experts(x, w, chosen, w13, w2)
     expert_bytes = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
     if chosen is not None and expert_bytes >= LOOP_MIN_EXPERT_BYTES:
         out = torch.zeros_like(x)
@@ -221,8 +225,9 @@ def experts_torch(hidden, weights, experts, w13, w2, activation, gated, b13=None
     elif path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
     if path == "gathered":
-        return _gathered(x, weights, experts, w13, w2, activation_fn(activation), gated, b13,
-                         fused=cpu_decode.applies(x, w13, w2, activation, gated, b13))
+        out = fused_decode(x, weights, experts, w13, w2, activation, gated, b13)
+        return out if out is not None else _gathered(x, weights, experts, w13, w2, activation_fn(activation),
+                                                     gated, b13)
     if path == "every_expert":
         return _every_expert(x, weights, experts, w13, w2, activation_fn(activation), gated, b13)
     flat = experts.reshape(-1)

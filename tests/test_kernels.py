@@ -171,7 +171,10 @@ def test_decode_layout_keeps_values_and_shape():
     routed, every = torch_ops.decode_layout(w2, 2), torch_ops.decode_layout(w2, 4)
     assert torch.equal(routed, w2) and torch.equal(every, w2)
     assert routed.transpose(1, 2).is_contiguous()  # [E, I, H]: a selected expert is one block
-    assert every.permute(1, 0, 2).is_contiguous()  # [H, E, I]: the dense down matrix
+    if cpu_decode.kernel() is not None:  # which reads every expert in place too
+        assert every.transpose(1, 2).is_contiguous()
+    else:
+        assert every.permute(1, 0, 2).is_contiguous()  # [H, E, I]: the dense down matrix for MKL
 
 
 def _assert_torch_matches_reference(tokens, experts, width, top_k, biased, gated, activation):

@@ -45,7 +45,7 @@ def test_decode_on_the_gathered_path_equals_the_reference(tiny, text_file, tmp_p
         from moefy.loading import moe_blocks
 
         blocks = [block for _, block in moe_blocks(fast)]
-        if fmt == "qwen2_moe":  # its block decodes in one kernel call, after its own router
+        if fmt != "native":  # standard blocks decode in one kernel call, after their own router
             assert all("forward" in vars(block) for block in blocks)
         if fmt == "native" and shared:
             assert all(block.shared.down_proj.t().is_contiguous() for block in blocks)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import ClassVar
 
 import torch
 
+from moefy.arch.base import ACTIVATION_NAMES
 from moefy.moe.layer import DenseMLP, MoeLayer
 from moefy.transforms.base import LayerPlan, SourceInfo
+from moefy_kernels import cpu_decode
+from moefy_kernels.torch_ops import GATHER_MAX_TOKENS, fused_decode, fused_fits
 
 # Config fields whose value changes the function: carried over and checked after the target
 # config class has parsed them (a class that drops or recomputes one cannot hold the model).
@@ -37,7 +41,7 @@ class ExportFormat:
 
     def fast_decode(self, block, config) -> None:
         """Let a loaded MoE block of this format decode faster on CPU, computing the same function. Nothing by
-        default: the torch backend already runs the routed experts through transformers' experts hook."""
+        default (native blocks decode through `moe_forward`, which fuses on its own)."""
 
     def unsupported(self, source: SourceInfo, plan: LayerPlan) -> str | None:
         """Why this format cannot hold the model at all (None when it can)."""
@@ -86,6 +90,28 @@ class StandardMoeFormat(ExportFormat):
     shared_width_key: ClassVar[str] = "shared_expert_intermediate_size"
     can_skip_layers: ClassVar[bool] = False  # has `mlp_only_layers`
     renormalize_key: ClassVar[str | None] = None  # config flag for renormalised top-k weights
+    router_attr: ClassVar[str] = "gate"  # the block's router: x → (logits, top-k weights, top-k expert ids)
+
+    def fast_decode(self, block, config) -> None:
+        """At decode, the block's own router (tokens are routed exactly as in prefill), then its experts — and
+        its shared expert — in one call of the fused CPU kernel: transformers' block spends as long in its
+        small ops and module calls as in the bytes it reads. Installed only where the kernel holds the
+        weights' layout; any other call (prefill, autograd, another device or dtype) runs the block as is."""
+        experts = block.experts
+        if ACTIVATION_NAMES.get(config.hidden_act, config.hidden_act) != "silu" or \
+                not (fused_fits(experts.gate_up_proj, experts.down_proj)
+                     and cpu_decode.holds(experts.gate_up_proj, experts.down_proj)) or not self._store_shared(block):
+            return
+        block._moefy_format = self
+        block.forward = types.MethodType(_fused_decode_forward, block)
+
+    def _store_shared(self, block) -> bool:
+        """Re-store the block's shared expert for the kernel (same values); False where it cannot read it."""
+        return True
+
+    def decode_shared(self, block):
+        """The block's shared expert as the kernel reads it (gate rows, up rows, down as rows, gate or None)."""
+        return None
 
     def unsupported(self, source: SourceInfo, plan: LayerPlan) -> str | None:
         if source.adapter.model_type not in self.families:
@@ -221,3 +247,17 @@ class StandardMoeFormat(ExportFormat):
                 "shared_width": config.get(self.shared_width_key, 0) if self.has_shared else 0,
                 "bias": False}
         return {i: dict(spec) for i in range(config["num_hidden_layers"]) if i not in dense}
+
+
+def _fused_decode_forward(block, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A standard MoE block's forward (`StandardMoeFormat.fast_decode`): a few tokens outside autograd on the
+    fused CPU kernel; anything else as transformers runs it."""
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if x.shape[0] <= GATHER_MAX_TOKENS and not (torch.is_grad_enabled() or block.training):
+        fmt = block._moefy_format
+        _, weights, index = getattr(block, fmt.router_attr)(x)
+        y = fused_decode(x, weights, index, block.experts.gate_up_proj, block.experts.down_proj, "silu", True, None,
+                         fmt.decode_shared(block))
+        if y is not None:
+            return y.view(hidden_states.shape)
+    return type(block).forward(block, hidden_states)

@@ -13,6 +13,7 @@ class GraniteMoeFormat(StandardMoeFormat):
     model_type = "granitemoe"
     architecture = "GraniteMoeForCausalLM"
     block_class = "GraniteMoeMoE"
+    router_attr = "router"
     block_attr = "block_sparse_moe"
     num_experts_key = "num_local_experts"
     width_key = "intermediate_size"
