@@ -258,8 +258,10 @@ def validate(
         table.add_column(col, justify="left" if col == "check" else "right")
     for impl in sorted({r["implementation"] for r in report["blocks"]}):
         rows = [r for r in report["blocks"] if r["implementation"] == impl]
-        table.add_row(f"{len(rows)} blocks · {impl}", f"{max(r['max_abs_diff'] for r in rows):.2e}",
-                      f"{max(r['max_rel_diff'] for r in rows):.2e}", "✓" if all(r["passed"] for r in rows) else "✗")
+        sizes = "/".join(str(n) for n in sorted({r["tokens"] for r in rows}))
+        table.add_row(f"{len({r['block'] for r in rows})} blocks × {sizes} tokens · {impl}",
+                      f"{max(r['max_abs_diff'] for r in rows):.2e}", f"{max(r['max_rel_diff'] for r in rows):.2e}",
+                      "✓" if all(r["passed"] for r in rows) else "✗")
     e2e = report["end_to_end"]
     table.add_row("end to end (logits)", f"{e2e['max_abs_logit_diff']:.2e}", f"{e2e['max_rel_logit_diff']:.2e}",
                   "✓" if e2e["passed"] else "✗")

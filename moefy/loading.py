@@ -24,11 +24,15 @@ def _standard_formats() -> dict:
     return {fmt.block_class: fmt for fmt in FORMATS.values() if fmt.block_class}
 
 
+def format_of(block):
+    """The standard export format a loaded transformers MoE block belongs to (None for anything else)."""
+    return _standard_formats().get(type(block).__name__)
+
+
 def moe_blocks(model) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every MoE block of a loaded model: native MoeBlocks and standard transformers blocks."""
-    standard = _standard_formats()
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, MoeBlock) or type(module).__name__ in standard]
+            if isinstance(module, MoeBlock) or format_of(module) is not None]
 
 
 def _register_with_transformers() -> None:
@@ -135,7 +139,7 @@ def _store_for_decode(model, backend: str) -> None:
             w2 = block.experts.down_proj
             w2.data = decode_layout(w2.data, model.config.num_experts_per_tok)
             if backend == "torch":
-                _standard_formats()[type(block).__name__].fast_decode(block, model.config)
+                format_of(block).fast_decode(block, model.config)
 
 
 def load_tokenizer(spec):

@@ -3,7 +3,9 @@
 Block by block: the inputs each MoE block sees on random prompts are captured, then the block is run
 by the implementations under test and by `moefy_kernels`' reference loop. Native blocks: the chosen
 moefy backend. Standard formats: transformers' own experts, transformers' block with its experts on the
-chosen backend (the hook `moefy eval` uses), and the moefy backend's routing and experts on its weights.
+chosen backend (the hook `moefy eval` uses), the format's own decode where it installed one, and the moefy
+backend's routing and experts on its weights. Each runs the whole batch, then 1 and 4 of its tokens: the
+decode paths (the fused kernel, the gathered experts) only run on a few tokens.
 End to end: the model as `moefy eval` runs it against the same model with every MoE block swapped for
 the reference.
 """
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from moefy.arch.base import ACTIVATION_NAMES
 from moefy.errors import BadInput
-from moefy.loading import checked_backend, experts_implementation, load_model, moe_blocks
+from moefy.loading import checked_backend, experts_implementation, format_of, load_model, moe_blocks
 from moefy.moe.modeling_moefy import MoeBlock
 from moefy_kernels import moe_forward
 
@@ -26,11 +28,12 @@ from moefy_kernels import moe_forward
 # so an element-wise rtol would fail near-zero outputs of those rows on summation order alone.
 BLOCK_ATOL, BLOCK_RTOL = 1e-4, 1e-4
 LOGIT_ATOL = 1e-3  # fp32 noise accumulates over depth (see docs/BENCHMARKS.md)
+DECODE_TOKENS = 4  # besides the whole batch, each block is checked on 1 and on this many tokens (decode paths)
 
 
 def _standard_forward(block, activation: str, backend: str):
     """A transformers MoE block computed by moefy_kernels from its own weights."""
-    router = block.gate if hasattr(block, "gate") else block.router  # Granite names it router
+    router = getattr(block, format_of(block).router_attr)
     combine = "renormalize" if getattr(router, "norm_topk_prob", True) else "prob"
 
     def run(hidden: torch.Tensor) -> torch.Tensor:
@@ -45,12 +48,12 @@ def _standard_forward(block, activation: str, backend: str):
 
 
 def _transformers_experts(model, block):
-    """The block with transformers' default experts implementation instead of the moefy hook."""
+    """The block's own forward with transformers' default experts implementation instead of the moefy hook."""
     def run(x):
         chosen = model.config._experts_implementation
         model.set_experts_implementation("grouped_mm")
         try:
-            return block.forward(x)
+            return type(block).forward(block, x)
         finally:
             model.set_experts_implementation(chosen)
 
@@ -69,10 +72,14 @@ def _blocks(model, backend: str) -> list[tuple[str, torch.nn.Module, dict]]:
             found.append((name, module, {f"moefy:{backend}": run,
                                          "reference": lambda x, run=run: run(x, chosen="reference")}))
         else:
-            found.append((name, module, {"transformers": _transformers_experts(model, module),
-                                         f"transformers+{experts_implementation(backend)}": module.forward,
-                                         f"moefy:{backend}": _standard_forward(module, activation, backend),
-                                         "reference": _standard_forward(module, activation, "reference")}))
+            fns = {"transformers": _transformers_experts(model, module),
+                   f"transformers+{experts_implementation(backend)}":
+                       lambda x, module=module: type(module).forward(module, x),
+                   f"moefy:{backend}": _standard_forward(module, activation, backend),
+                   "reference": _standard_forward(module, activation, "reference")}
+            if "forward" in vars(module):  # the format's own decode (`ExportFormat.fast_decode`)
+                fns["moefy:fused-decode"] = module.forward
+            found.append((name, module, fns))
     return found
 
 
@@ -128,16 +135,20 @@ def validate(model_spec: str, *, source: str | None = None, backend: str = "auto
         hook.remove()
     rows, passed = [], True
     for name, _, fns in blocks:
-        ref = fns["reference"](inputs[name])
-        for implementation, fn in fns.items():
-            if implementation == "reference":
-                continue
-            out = fn(inputs[name])
-            max_abs, max_rel = _diff(out, ref)
-            ok = _within_tolerance(out, ref)
-            passed &= ok
-            rows.append({"block": name, "implementation": implementation, "max_abs_diff": max_abs,
-                         "max_rel_diff": max_rel, "passed": ok})
+        captured = inputs[name]
+        flat = captured.reshape(-1, captured.shape[-1])
+        # the whole batch (prefill paths), then 1 and 4 of its tokens (decode paths: fused kernel, gathered)
+        for hidden in (captured, flat[:1][None], flat[:DECODE_TOKENS][None]):
+            ref = fns["reference"](hidden)
+            for implementation, fn in fns.items():
+                if implementation == "reference":
+                    continue
+                out = fn(hidden)
+                max_abs, max_rel = _diff(out, ref)
+                ok = _within_tolerance(out, ref)
+                passed &= ok
+                rows.append({"block": name, "implementation": implementation, "tokens": hidden.shape[:-1].numel(),
+                             "max_abs_diff": max_abs, "max_rel_diff": max_rel, "passed": ok})
     with _reference_everywhere(blocks):
         reference_logits = model(input_ids=ids).logits
     e2e_abs, e2e_rel = _diff(logits, reference_logits)

@@ -113,16 +113,18 @@ def check_inputs(hidden, router_logits, w13, w2, top_k, *, gated=True, shared=No
 def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
                 *, scoring: str = "softmax", combine: str = "renormalize", activation: str = "silu",
                 gated: bool = True, shared=None, expert_scales: torch.Tensor | None = None,
-                b13: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                b13: torch.Tensor | None = None, backend: str = "auto", check: bool = True) -> torch.Tensor:
     """Top-k routed experts (+ optional always-on shared expert) on hidden [T, H] → [T, H].
 
     w13 is [E, 2*I, H] (gate rows then up rows; [E, I, H] when not gated), w2 is [E, H, I]; b13 [E, 2*I]
     the experts' input biases (GPT-2-style MLPs; an output bias belongs to the layer, not to the experts);
     shared is (w13, w2) or (w13, w2, b13); expert_scales [E] multiplies each expert's output on top of its
-    combine weight.
+    combine weight. `check=False` skips `check_inputs`, for callers whose weights agree by construction
+    (a native MoeBlock: at decode the checks cost as much as a tenth of the block).
     """
-    check_inputs(hidden, router_logits, w13, w2, top_k, gated=gated, shared=shared, expert_scales=expert_scales,
-                 activation=activation, b13=b13)
+    if check:
+        check_inputs(hidden, router_logits, w13, w2, top_k, gated=gated, shared=shared,
+                     expert_scales=expert_scales, activation=activation, b13=b13)
     chosen = BACKENDS[resolve_backend(backend, hidden.device)]
     weights, experts = chosen.route(router_logits, top_k, scoring, combine)
     if expert_scales is not None:

@@ -201,7 +201,8 @@ class MoeBlock(nn.Module):
         if moe_forward is None:
             return _dense_masked_moe(x, logits, w13, w2, self.top_k, **kwargs)
         training = self.training and torch.is_grad_enabled()  # triton has no backward; torch does
-        return moe_forward(x, logits, w13, w2, self.top_k, backend="torch" if training else self.backend, **kwargs)
+        return moe_forward(x, logits, w13, w2, self.top_k, backend="torch" if training else self.backend,
+                           check=False, **kwargs)  # the weights' shapes come from this block's validated spec
 
 
 def _dense_masked_moe(x, logits, w13, w2, top_k, *, scoring, combine, activation, gated, shared, expert_scales,
