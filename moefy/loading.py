@@ -122,19 +122,20 @@ def load_model(spec, *, dtype=None, backend: str = "auto", device: str = "cpu"):
 
 
 def _store_for_decode(model, backend: str) -> None:
-    """Re-store every MoE block's routed down weights in `decode_layout` (same values and shapes): blocks that
-    select fewer than all experts as [E, I, H] (a decoded token copies each selected expert as one block),
-    standard blocks that select every expert as [H, E, I] (one dense matmul). Native blocks that select every
-    expert already store the dense [H, Σ I]. On the torch backend, a native shared expert beside routed ones is
-    stored as rows ([I_s, H] in memory: the fused decode kernel reads it in the routed experts' call), and a
-    standard format may install its own faster decode (`ExportFormat.fast_decode`). One block at a time."""
+    """Re-store every MoE block's routed down weights in `decode_layout` (same values and shapes): [E, I, H] in
+    memory where the fused CPU kernel is built (it reads each expert's down weights as rows; a gathered copy of
+    a selected expert is one block), else [H, E, I] for blocks that select every expert (the dense down matrix,
+    one matmul). On the torch backend a native shared expert is stored as rows too ([I_s, H] in memory: the
+    kernel reads it in the routed experts' call), and a standard format may install its own faster decode
+    (`ExportFormat.fast_decode`). One block at a time."""
     for _, block in moe_blocks(model):
         if isinstance(block, MoeBlock):
-            if block.router is not None and block.top_k < len(block.experts.widths):
-                w2 = decode_layout(block.experts.stacked()[1], block.top_k)  # [E, H, I] stored as [E, I, H]
+            if block.experts.uniform:  # unequal widths: no stacked view, the dense path only
+                top_k = block.top_k if block.router is not None else len(block.experts.widths)
+                w2 = decode_layout(block.experts.stacked()[1], top_k)
                 block.experts.down_proj.data = w2.permute(1, 0, 2).reshape(w2.shape[1], -1)  # [H, Σ I], a view
-                if block.shared is not None and backend == "torch":  # read as rows with the routed experts
-                    block.shared.down_proj.data = rows_layout(block.shared.down_proj.data)
+            if block.shared is not None and backend == "torch":
+                block.shared.down_proj.data = rows_layout(block.shared.down_proj.data)
         else:
             w2 = block.experts.down_proj
             w2.data = decode_layout(w2.data, model.config.num_experts_per_tok)

@@ -23,8 +23,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 try:  # the fused/grouped backends; the fallback below keeps OUT loadable without moefy
     from moefy_kernels import moe_forward
+    from moefy_kernels.torch_ops import GATHER_MAX_TOKENS, fused_decode
 except ImportError:  # pragma: no cover - exercised only where moefy is not installed
-    moe_forward = None
+    moe_forward = fused_decode = GATHER_MAX_TOKENS = None
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -167,11 +168,13 @@ class MoeBlock(nn.Module):
         if self.router is None and self.backend == "reference":
             y = self._static_reference(x, act)
         elif self.router is None:
-            column_scale = torch.repeat_interleave(
-                self.expert_scales, torch.tensor(self.experts.widths, device=x.device))
-            y = self.experts.dense_forward(x, act, column_scale)
-            if self.shared is not None:
-                y = y + self.shared.dense_forward(x, act, None)
+            y = self._static_decode(x)
+            if y is None:
+                column_scale = torch.repeat_interleave(
+                    self.expert_scales, torch.tensor(self.experts.widths, device=x.device))
+                y = self.experts.dense_forward(x, act, column_scale)
+                if self.shared is not None:
+                    y = y + self.shared.dense_forward(x, act, None)
         else:
             y = self._routed(x)
         if self.output_bias is not None:
@@ -187,6 +190,24 @@ class MoeBlock(nn.Module):
         for scale, w13, w2, b13 in parts:
             y = y + scale * _expert_mlp(x, w13, w2, act, self.gated, b13)
         return y
+
+    def _static_decode(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A few tokens of the static MoE on the torch backend's fused CPU kernel (every expert weighted by its
+        scale, the shared expert in the same call); None where that kernel does not apply."""
+        if fused_decode is None or self.backend != "torch" or not self.experts.uniform or \
+                x.shape[0] > GATHER_MAX_TOKENS:
+            return None
+        w13, w2, b13 = self.experts.stacked()
+        tokens, num = x.shape[0], w2.shape[0]
+        ids = torch.arange(num, device=x.device).expand(tokens, num)
+        shared = None
+        if self.shared is not None:
+            if self.shared.gate_up_bias is not None or not self.gated:
+                return None
+            width = self.shared.down_proj.shape[1]
+            shared = (self.shared.gate_up_proj[:width], self.shared.gate_up_proj[width:], self.shared.down_proj, None)
+        return fused_decode(x, self.expert_scales.float().expand(tokens, num), ids, w13, w2, self.activation,
+                            self.gated, b13, shared)
 
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)
