@@ -1,11 +1,13 @@
-"""A fused CPU decode kernel: the selected SwiGLU experts of a few tokens read where they lie, in one call.
+"""A fused CPU decode kernel: the selected SwiGLU experts of a few tokens — and a shared expert with its
+sigmoid gate — read where they lie, in one call.
 
 At decode the torch path copies the selected experts into one block (or calls a matmul pair per expert):
 the copy doubles the bytes moved and each of its ~10 ops costs microseconds, which on a small model is as
-much as the bytes the sparsity saves. This kernel reads each selected expert's [gate; up] rows and down
-rows in place: one pass of dot products per expert (parallel over experts), then the weighted down rows
-accumulated into the output (parallel over the hidden dimension, so no two threads write one element).
-Per output element the summation order is fixed (expert, then row), whatever the thread count.
+much as the bytes the sparsity saves. This kernel works on rows: each selected expert's gate, up and down
+rows (and the shared expert's) are read in place, four rows at a time, in one pass — gate and up dot
+products, SiLU, the weighted down rows added into a partial sum — by fixed blocks of rows (parallel over
+blocks), whose partials are then added in block order. The blocks depend on the row count alone, so each
+output element's summation order is fixed whatever the thread count.
 
 It is C++ compiled on first use with torch's extension builder (a C++ compiler and ninja needed; about
 25 s once per machine, cached in torch's extension folder). Where that cannot be done, `kernel()` is
