@@ -47,4 +47,3 @@ class Qwen2MoeFormat(StandardMoeFormat):
     def _extra_config(self, source, blocks):
         shared = next(iter(blocks.values()))["shared_width"]
         return {**super()._extra_config(source, blocks), "qkv_bias": True, "shared_expert_intermediate_size": shared}
-
