@@ -191,6 +191,19 @@ def test_a_file_that_changes_while_being_read_is_a_clear_error(tmp_path):
     file.close()
 
 
+def test_a_bin_checkpoint_that_changes_while_being_read_is_a_clear_error(tmp_path):
+    """A .bin is read through a lazy map: a tensor is copied out only while the file is as it was mapped."""
+    from moefy.io.checkpoint import open_source
+
+    checkpoint = open_source(make_tiny(tmp_path / "m", "llama", safe=False))
+    first, second = checkpoint.tensor_names[:2]
+    assert checkpoint.get(first).numel() > 0
+    with open(checkpoint.path / "pytorch_model.bin", "ab") as f:
+        f.write(b"\0" * 64)  # rewritten meanwhile (grown here: a shrunk map would be SIGBUS if touched)
+    with pytest.raises(CheckFailed, match="changed while moefy was reading it"):
+        checkpoint.get(second)
+
+
 def test_tensors_already_read_survive_the_file_shrinking(tmp_path):
     """A tensor read before the source shrank stays readable: it is not a memory map of the file, whose
     pages would end the process with SIGBUS when touched (a conversion was killed so, exit 135)."""

