@@ -137,7 +137,8 @@ def _gather(weights: torch.Tensor, index: torch.Tensor, slot: str) -> torch.Tens
     buffers = _workspace.__dict__.setdefault("buffers", {})
     buffer = buffers.get((slot, weights.dtype))
     if buffer is None or buffer.numel() < math.prod(shape):
-        buffer = buffers[slot, weights.dtype] = torch.empty(math.prod(shape), dtype=weights.dtype)
+        with torch.inference_mode(False):  # a normal tensor: one made in inference mode can't be written outside
+            buffer = buffers[slot, weights.dtype] = torch.empty(math.prod(shape), dtype=weights.dtype)
     return torch.index_select(weights, 0, index, out=buffer[:math.prod(shape)].view(shape))
 
 

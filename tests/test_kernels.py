@@ -166,6 +166,14 @@ def test_fused_cpu_decode_kernel_matches_the_reference(tokens, experts, top_k, w
     assert torch.equal(outs[0], outs[1])
 
 
+def test_the_reused_gather_buffer_works_in_and_out_of_inference_mode():
+    """The per-thread buffer first made under inference mode (`moefy validate`) is written outside it later."""
+    w = torch.randn(8, 4, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch_ops._gather(w, torch.tensor([1, 3]), "test"), w[[1, 3]])
+    torch.testing.assert_close(torch_ops._gather(w, torch.tensor([0, 2, 5]), "test"), w[[0, 2, 5]])
+
+
 def test_decode_layout_keeps_values_and_shape():
     _, w2 = _weights(4, 8, 16)
     routed, every = torch_ops.decode_layout(w2, 2), torch_ops.decode_layout(w2, 4)

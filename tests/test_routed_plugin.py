@@ -7,6 +7,7 @@ import moefy
 from moefy.moe.layer import MoeLayer
 from moefy.transforms import TRANSFORMS
 from moefy.transforms.base import LayerPlan, Options, Transform
+from moefy_kernels import cpu_decode
 from tests.conftest import logits, random_ids, read_json, run_cli
 
 
@@ -102,8 +103,9 @@ def test_validate_passes_on_routed_exports(tiny, tmp_path, toy_recipe, fmt, back
     assert all(k in report for k in VALIDATE_KEYS) and report["passed"] and report["max_abs_diff"] < 1e-5
     assert report["backend"] == backend
     implementations = {r["implementation"] for r in report["blocks"]}
+    fused = {"moefy:fused-decode"} if backend == "torch" and cpu_decode.kernel() is not None else set()
     assert implementations == ({f"moefy:{backend}"} if fmt == "native" else
-                               {f"moefy:{backend}", "transformers", f"transformers+moefy_{backend}"})
+                               {f"moefy:{backend}", "transformers", f"transformers+moefy_{backend}", *fused})
 
 
 def test_validate_catches_a_wrong_backend(tiny, tmp_path, toy_recipe, monkeypatch):
