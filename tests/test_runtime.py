@@ -46,7 +46,9 @@ def test_decode_on_the_gathered_path_equals_the_reference(tiny, text_file, tmp_p
 
         blocks = [block for _, block in moe_blocks(fast)]
         if fmt != "native":  # standard blocks decode in one kernel call, after their own router
-            assert all("forward" in vars(block) for block in blocks)
+            installed = ["forward" in vars(block) for block in blocks]
+            # except where the router returns another tuple (GraniteMoe's in transformers 5.13: ids first)
+            assert all(installed) or (fmt == "granitemoe" and not any(installed))
         if fmt == "native" and shared:
             assert all(block.shared.down_proj.t().is_contiguous() for block in blocks)
     for shape in ((1, 1), (3, 1), (1, 6)):

@@ -100,10 +100,22 @@ class StandardMoeFormat(ExportFormat):
         experts = block.experts
         if ACTIVATION_NAMES.get(config.hidden_act, config.hidden_act) != "silu" or \
                 not (fused_fits(experts.gate_up_proj, experts.down_proj)
-                     and cpu_decode.holds(experts.gate_up_proj, experts.down_proj)) or not self._store_shared(block):
+                     and cpu_decode.holds(experts.gate_up_proj, experts.down_proj)) \
+                or not self._router_returns_logits_weights_ids(block, config) or not self._store_shared(block):
             return
         block._moefy_format = self
         block.forward = types.MethodType(_fused_decode_forward, block)
+
+    def _router_returns_logits_weights_ids(self, block, config) -> bool:
+        """Whether the installed transformers' router returns (logits [T, E], weights [T, k], ids [T, k]): the
+        order has changed between versions (GraniteMoe's router returned (ids, weights, logits) in 5.13)."""
+        num, top_k = block.experts.gate_up_proj.shape[0], config.num_experts_per_tok
+        with torch.no_grad():
+            out = getattr(block, self.router_attr)(torch.zeros(1, config.hidden_size,
+                                                               dtype=block.experts.gate_up_proj.dtype))
+        return (isinstance(out, tuple) and len(out) == 3 and out[0].shape == (1, num) and out[0].is_floating_point()
+                and out[1].shape == (1, top_k) and out[1].is_floating_point()
+                and out[2].shape == (1, top_k) and out[2].dtype == torch.int64)
 
     def _store_shared(self, block) -> bool:
         """Re-store the block's shared expert for the kernel (same values); False where it cannot read it."""
