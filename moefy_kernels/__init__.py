@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moefy_kernels import cpu_decode
 from moefy_kernels.reference import experts_reference
 from moefy_kernels.routing import ACTIVATIONS, route
 from moefy_kernels.torch_ops import decode_layout, experts_torch, fused_decode
@@ -130,9 +131,8 @@ def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Te
     if expert_scales is not None:
         weights = weights * expert_scales.float()[experts]
     if chosen is BACKENDS["torch"] and shared is not None and (len(shared) == 2 or shared[2] is None) and gated:
-        width = shared[1].shape[1]  # decode: the shared expert in the routed experts' kernel call
-        out = fused_decode(hidden, weights, experts, w13, w2, activation, gated, b13,
-                           (shared[0][:width], shared[0][width:], shared[1], None))
+        out = fused_decode(hidden, weights, experts, w13, w2, activation, gated, b13,  # decode: one kernel call
+                           cpu_decode.split_shared(shared[0], shared[1]))
         if out is not None:
             return out.to(hidden.dtype)
     out = chosen.experts(hidden, weights, experts, w13, w2, activation, gated, b13)

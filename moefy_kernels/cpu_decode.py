@@ -166,6 +166,13 @@ def shared_applies(sg: torch.Tensor, su: torch.Tensor, s2: torch.Tensor, gate: t
             and s2.t().is_contiguous() and (gate is None or (gate.dtype == torch.float32 and gate.is_contiguous())))
 
 
+def split_shared(s13: torch.Tensor, s2: torch.Tensor, gate: torch.Tensor | None = None) -> tuple:
+    """A shared expert stored as one MLP (s13 [2Is, H] = [gate; up] rows, s2 [H, Is]) as `swiglu_experts` takes
+    it: (gate rows, up rows, s2, gate)."""
+    width = s2.shape[1]
+    return s13[:width], s13[width:], s2, gate
+
+
 def rows_layout(w: torch.Tensor) -> torch.Tensor:
     """w [H, I] with the same values and shape, stored as [I, H] in memory: the rows the kernel reads."""
     return w.t().contiguous().t()

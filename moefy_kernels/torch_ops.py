@@ -164,9 +164,14 @@ def selected_union(weights: torch.Tensor, experts: torch.Tensor, num: int):
     return chosen, dense_w if chosen is None else dense_w.index_select(1, chosen)
 
 
+def _expert_bytes(w13: torch.Tensor, w2: torch.Tensor) -> int:
+    """The bytes of one expert's weights ([gate; up] rows and down weights)."""
+    return (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
+
+
 def fused_fits(w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether the fused CPU kernel, rather than MKL, should read these experts (FUSED_MAX_EXPERT_BYTES)."""
-    return (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size() <= FUSED_MAX_EXPERT_BYTES
+    return _expert_bytes(w13, w2) <= FUSED_MAX_EXPERT_BYTES
 
 
 def fused_decode(x, weights, experts, w13, w2, activation, gated, b13=None, shared=None):
@@ -194,8 +199,7 @@ def _gathered(x, weights, experts, w13, w2, act, gated, b13):
     is one dense matmul pair."""
     tokens, dim = x.shape[0], w2.shape[1]
     chosen, w = selected_union(weights, experts, w2.shape[0])
-    expert_bytes = (w13.shape[1] * w13.shape[2] + w2.shape[1] * w2.shape[2]) * w13.element_size()
-    if chosen is not None and expert_bytes >= LOOP_MIN_EXPERT_BYTES:
+    if chosen is not None and _expert_bytes(w13, w2) >= LOOP_MIN_EXPERT_BYTES:
         out = torch.zeros_like(x)
         for j, e in enumerate(chosen.tolist()):
             z = F.linear(x, w13[e], None if b13 is None else b13[e])

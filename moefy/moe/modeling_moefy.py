@@ -23,9 +23,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 try:  # the fused/grouped backends; the fallback below keeps OUT loadable without moefy
     from moefy_kernels import moe_forward
+    from moefy_kernels.cpu_decode import split_shared
     from moefy_kernels.torch_ops import GATHER_MAX_TOKENS, fused_decode
 except ImportError:  # pragma: no cover - exercised only where moefy is not installed
-    moe_forward = fused_decode = GATHER_MAX_TOKENS = None
+    moe_forward = fused_decode = GATHER_MAX_TOKENS = split_shared = None
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -204,8 +205,7 @@ class MoeBlock(nn.Module):
         if self.shared is not None:
             if self.shared.gate_up_bias is not None or not self.gated:
                 return None
-            width = self.shared.down_proj.shape[1]
-            shared = (self.shared.gate_up_proj[:width], self.shared.gate_up_proj[width:], self.shared.down_proj, None)
+            shared = split_shared(self.shared.gate_up_proj, self.shared.down_proj)
         return fused_decode(x, self.expert_scales.float().expand(tokens, num), ids, w13, w2, self.activation,
                             self.gated, b13, shared)
 
