@@ -106,7 +106,7 @@ def _generate_once(model, prompt: torch.Tensor, new_tokens: int, device: str) ->
 
 def bench(model_spec: str, *, baseline: str | None, prompt_tokens: int = 512, new_tokens: int = 128,
           batch: int = 1, threads: int | None = None, backend: str = "auto", rounds: int = 5,
-          device: str = "cpu", seed: int = 0) -> dict:
+          device: str = "cpu", dtype: str = "float32", seed: int = 0) -> dict:
     """The `moefy bench --json` report (README: moefy bench)."""
     from moefy.loading import checked_backend, load_model
 
@@ -114,6 +114,8 @@ def bench(model_spec: str, *, baseline: str | None, prompt_tokens: int = 512, ne
                                ("--batch", batch, 1), ("--rounds", rounds, 1)):
         if value < least:
             raise BadInput(f"{name} {value} must be at least {least}.")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise BadInput(f"--dtype {dtype!r} is unknown; use float32, bfloat16 or float16.")
     threads = threads or usable_cores()
     if threads < 1:
         raise BadInput(f"--threads {threads} must be at least 1.")
@@ -124,7 +126,7 @@ def bench(model_spec: str, *, baseline: str | None, prompt_tokens: int = 512, ne
     models, runs = {}, {}
     for role, spec in specs.items():
         log(f"loading {role} {spec}")
-        model = load_model(spec, backend=backend, device=device)
+        model = load_model(spec, dtype=getattr(torch, dtype), backend=backend, device=device)
         models[role] = model
         runs[role] = {"path": str(spec), "decode_weight_bytes": decode_weight_bytes(model, spec),
                       "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),

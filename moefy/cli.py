@@ -246,14 +246,16 @@ def validate(
     model: str = typer.Argument(..., help="A moefy output directory."),
     source: Optional[str] = typer.Option(None, "--source", help="Also report the logit gap to this dense model."),
     backend: str = typer.Option("auto", "--backend", help="auto|torch|triton|reference: the moefy backend under test."),
+    device: str = typer.Option("cpu", "--device", help="cpu|cuda: where the model and the reference run (fp32)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report (DESIGN.md fields)."),
 ):
     """Check every MoE block and the whole model against the plain reference; exit 1 on mismatch."""
     from moefy.validate import validate as run_validate
 
+    device = checked_device(device)
     _check_json(json_path, {"the model": model, "the source": source})
-    report = run_validate(model, source=source, backend=backend)
-    table = Table(title=f"validate {model} · backend {report['backend']} · {report['tokens']} tokens")
+    report = run_validate(model, source=source, backend=backend, device=device)
+    table = Table(title=f"validate {model} · backend {report['backend']} on {device} · {report['tokens']} tokens")
     for col in ("check", "max |Δ|", "max rel", "ok"):
         table.add_column(col, justify="left" if col == "check" else "right")
     for impl in sorted({r["implementation"] for r in report["blocks"]}):
@@ -287,6 +289,8 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: every usable core)."),
     backend: str = typer.Option("auto", "--backend", help="auto|torch|triton|reference: how MoE blocks run."),
     device: str = typer.Option("cpu", "--device", help="cpu|cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32|bfloat16|float16: both models run in it "
+                                                         "(fp32 on CPU, where half types are slower)."),
     rounds: int = typer.Option(5, "--rounds", help="Interleaved rounds; the report gives medians."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report (README: moefy bench)."),
 ):
@@ -302,7 +306,8 @@ def bench(
         baseline = None
     _check_json(json_path, {"the model": model, "the baseline": baseline})
     report = run_bench(model, baseline=baseline, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                       batch=batch_size, threads=threads, backend=backend, rounds=rounds, device=device)
+                       batch=batch_size, threads=threads, backend=backend, rounds=rounds, device=device,
+                       dtype=dtype)
     print_bench(report)
     _write_json(json_path, report)
 

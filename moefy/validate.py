@@ -119,14 +119,15 @@ def _within_tolerance(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 @torch.inference_mode()
-def validate(model_spec: str, *, source: str | None = None, backend: str = "auto", batch: int = 2,
-             seq_len: int = 32, seed: int = 0) -> dict:
-    backend = checked_backend(backend)
-    model = load_model(model_spec, backend=backend)
+def validate(model_spec: str, *, source: str | None = None, backend: str = "auto", device: str = "cpu",
+             batch: int = 2, seq_len: int = 32, seed: int = 0) -> dict:
+    backend = checked_backend(backend, device)
+    model = load_model(model_spec, backend=backend, device=device)
     blocks = _blocks(model, backend)
     if not blocks:
         raise BadInput(f"{model_spec} has no MoE blocks to validate (a dense model?). Pass a moefy output.")
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(device)
     inputs: dict[str, torch.Tensor] = {}
     hooks = [module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
              for name, module, _ in blocks]
@@ -154,14 +155,14 @@ def validate(model_spec: str, *, source: str | None = None, backend: str = "auto
     e2e_abs, e2e_rel = _diff(logits, reference_logits)
     e2e_ok = e2e_abs <= LOGIT_ATOL
     passed &= e2e_ok
-    report = {"backend": backend, "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+    report = {"backend": backend, "device": device, "max_abs_diff": max(r["max_abs_diff"] for r in rows),
               "max_rel_diff": max(r["max_rel_diff"] for r in rows), "tokens": int(ids.numel()), "passed": passed,
               "tolerance": {"block_atol": BLOCK_ATOL, "block_rtol": BLOCK_RTOL, "logit_atol": LOGIT_ATOL},
               "end_to_end": {"max_abs_logit_diff": e2e_abs, "max_rel_logit_diff": e2e_rel,
                              "passed": e2e_ok}, "blocks": rows,
               "source": None}
     if source is not None:
-        source_logits = load_model(source)(input_ids=ids).logits
+        source_logits = load_model(source, device=device)(input_ids=ids).logits
         report["source"] = {"model": source, "max_abs_logit_diff": _diff(logits, source_logits)[0],
                             "note": "informational: transforms other than identities change the function"}
     return report

@@ -13,12 +13,15 @@ In the spirit of vLLM's fused_moe, ScatterMoE and σ-MoE's CVMM, written for moe
    its own (token, slot) position, so the sum over k that follows is a fixed-order, deterministic sum.
 
 When T·k is small next to the number of experts, alignment would mostly add padding: `_gemv_up_kernel` /
-`_gemv_down_kernel` take one (token, slot) pair per program instead (no tl.dot, so any width works).
+`_gemv_down_kernel` take one (token, slot) pair per program instead (no tl.dot, so any width works), the
+first split along the hidden dimension into fp32 partials so that a single token still fills the GPU, the
+second summing them in order with the activation fused into its loads.
 Accumulation is fp32 for bf16/fp16/fp32 inputs; fp32 inputs multiply in IEEE fp32 (no TF32).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,7 +33,8 @@ from moefy_kernels.routing import COMBINES, check_semantics
 ACTIVATION_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 SMALL_BATCH_PAIRS = 32  # T·k up to this: one program per (token, slot) pair, no alignment
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 64
-GEMV_BLOCK_N, GEMV_BLOCK_K = 64, 128
+GEMV_BLOCK_N, GEMV_BLOCK_K = 16, 256
+GEMV_PROGRAMS_PER_SM = 8  # small-batch programs per multiprocessor the hidden dimension is split to reach
 
 
 def _interpreting() -> bool:
@@ -213,21 +217,26 @@ def _expert_down_kernel(h_ptr, w_ptr, out_ptr, slots_ptr, block_expert_ptr, weig
 
 
 @triton.jit
-def _gemv_up_kernel(x_ptr, w_ptr, b_ptr, h_ptr, experts_ptr, hidden, width, stride_xt, stride_we, stride_wo,
-                    stride_be, stride_ht, TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Small-batch path: one (token, slot) pair per program, W13[e] streamed once per column block."""
-    slot = tl.program_id(0)
-    e = tl.load(experts_ptr + slot).to(tl.int64)
+def _gemv_up_kernel(x_ptr, w_ptr, z_ptr, experts_ptr, hidden, width, k_chunk, stride_xt, stride_we, stride_wo,
+                    stride_zs, stride_zp, TOP_K: tl.constexpr, GATED: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Small-batch path, first half: one (token, slot) pair × BLOCK_N rows × one chunk of the hidden dimension
+    per program; the partial gate (and up) dot products go to z[split, pair] in fp32, to be summed in fixed
+    order, activated and multiplied by the down kernel (split-K: at T = 1 a few pairs alone would leave most
+    of the GPU idle)."""
+    pair = tl.program_id(0)
+    split = tl.program_id(2)
+    e = tl.load(experts_ptr + pair).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < width
     offs_k = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + (slot // TOP_K).to(tl.int64) * stride_xt
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xt
     w_base = w_ptr + e * stride_we
     acc_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k_ok = (k0 + offs_k) < hidden
+    k_end = tl.minimum(hidden, (split + 1) * k_chunk)
+    for k0 in range(split * k_chunk, k_end, BLOCK_K):
+        k_ok = (k0 + offs_k) < k_end
         x = tl.load(x_row + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         mask = col_ok[:, None] & k_ok[None, :]
         w_gate = tl.load(w_base + cols[:, None] * stride_wo + (k0 + offs_k)[None, :], mask=mask, other=0.0)
@@ -235,32 +244,61 @@ def _gemv_up_kernel(x_ptr, w_ptr, b_ptr, h_ptr, experts_ptr, hidden, width, stri
         if GATED:
             w_up = tl.load(w_base + (cols + width)[:, None] * stride_wo + (k0 + offs_k)[None, :], mask=mask, other=0.0)
             acc_up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
-    if HAS_BIAS:
-        acc_gate, acc_up = _add_bias(acc_gate, acc_up, b_ptr, e, cols, col_ok, width, stride_be, GATED)
-    h = _activation(acc_gate, ACT)
+    z_row = z_ptr + split.to(tl.int64) * stride_zs + pair.to(tl.int64) * stride_zp
+    tl.store(z_row + cols, acc_gate, mask=col_ok)
     if GATED:
-        h = h * acc_up
-    tl.store(h_ptr + slot.to(tl.int64) * stride_ht + cols, h.to(h_ptr.dtype.element_ty), mask=col_ok)
+        tl.store(z_row + width + cols, acc_up, mask=col_ok)
 
 
 @triton.jit
-def _gemv_down_kernel(h_ptr, w_ptr, out_ptr, experts_ptr, weights_ptr, hidden, width,
-                      stride_ht, stride_we, stride_wo, stride_os, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    slot = tl.program_id(0)
-    e = tl.load(experts_ptr + slot).to(tl.int64)
+def _gemv_down_kernel(z_ptr, b_ptr, w_ptr, out_ptr, experts_ptr, weights_ptr, hidden, width, splits,
+                      stride_zs, stride_zp, stride_be, stride_we, stride_wo, stride_os,
+                      GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Small-batch path, second half: h = act(Σ_split z_gate + b_gate) ⊙ (Σ_split z_up + b_up) for each block
+    of the expert's width (the splits summed in order: deterministic), then out[pair] = weight · h W2[e]ᵀ."""
+    pair = tl.program_id(0)
+    e = tl.load(experts_ptr + pair).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     offs_k = tl.arange(0, BLOCK_K)
     w_base = w_ptr + e * stride_we
+    z_pair = z_ptr + pair.to(tl.int64) * stride_zp
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, width, BLOCK_K):
         k_ok = (k0 + offs_k) < width
-        h = tl.load(h_ptr + slot.to(tl.int64) * stride_ht + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        gate = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for s in range(splits):
+            gate += tl.load(z_pair + s * stride_zs + k0 + offs_k, mask=k_ok, other=0.0)
+            if GATED:
+                up += tl.load(z_pair + s * stride_zs + width + k0 + offs_k, mask=k_ok, other=0.0)
+        if HAS_BIAS:
+            gate, up = _add_bias(gate, up, b_ptr, e, k0 + offs_k, k_ok, width, stride_be, GATED)
+        h = _activation(gate, ACT)
+        if GATED:
+            h = h * up
         w = tl.load(w_base + cols[:, None] * stride_wo + (k0 + offs_k)[None, :],
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
-    weight = tl.load(weights_ptr + slot)
-    tl.store(out_ptr + slot.to(tl.int64) * stride_os + cols, acc * weight, mask=col_ok)
+    weight = tl.load(weights_ptr + pair)
+    tl.store(out_ptr + pair.to(tl.int64) * stride_os + cols, acc * weight, mask=col_ok)
+
+
+@functools.cache
+def _multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _gemv_splits(pairs: int, width: int, hidden: int, device: torch.device) -> tuple[int, int]:
+    """(splits of the hidden dimension, chunk length): enough programs to fill the GPU
+    (GEMV_PROGRAMS_PER_SM per multiprocessor), each chunk a whole number of GEMV_BLOCK_K. The interpreter
+    counts as a GPU of 2 multiprocessors, so that tests split too."""
+    blocks = triton.cdiv(hidden, GEMV_BLOCK_K)
+    target = GEMV_PROGRAMS_PER_SM * (_multiprocessors(device.index) if device.type == "cuda" else 2)
+    splits = max(1, min(blocks, triton.cdiv(target, pairs * triton.cdiv(width, GEMV_BLOCK_N))))
+    per_split = triton.cdiv(blocks, splits)
+    return triton.cdiv(blocks, per_split), per_split * GEMV_BLOCK_K
 
 
 def experts_triton(hidden: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w13: torch.Tensor,
@@ -280,13 +318,15 @@ def experts_triton(hidden: torch.Tensor, weights: torch.Tensor, experts: torch.T
     b13 = w13 if b13 is None else b13.contiguous()  # any pointer will do when HAS_BIAS is off
     if num_slots <= SMALL_BATCH_PAIRS:
         flat = experts.reshape(-1).contiguous()
-        h = torch.empty(num_slots, width, dtype=hidden.dtype, device=hidden.device)
-        _gemv_up_kernel[(num_slots, triton.cdiv(width, GEMV_BLOCK_N))](
-            hidden, w13, b13, h, flat, dim, width, hidden.stride(0), w13.stride(0), w13.stride(1), b13.stride(0),
-            h.stride(0), TOP_K=top_k, GATED=gated, ACT=act, **bias, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K)
+        splits, chunk = _gemv_splits(num_slots, width, dim, hidden.device)
+        z = torch.empty(splits, num_slots, w13.shape[1], dtype=torch.float32, device=hidden.device)
+        _gemv_up_kernel[(num_slots, triton.cdiv(width, GEMV_BLOCK_N), splits)](
+            hidden, w13, z, flat, dim, width, chunk, hidden.stride(0), w13.stride(0), w13.stride(1), z.stride(0),
+            z.stride(1), TOP_K=top_k, GATED=gated, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K)
         _gemv_down_kernel[(num_slots, triton.cdiv(dim, GEMV_BLOCK_N))](
-            h, w2, out, flat, weights, dim, width, h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-            BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K)
+            z, b13, w2, out, flat, weights, dim, width, splits, z.stride(0), z.stride(1), b13.stride(0),
+            w2.stride(0), w2.stride(1), out.stride(0), GATED=gated, ACT=act, **bias, BLOCK_N=GEMV_BLOCK_N,
+            BLOCK_K=GEMV_BLOCK_K)
     else:
         slots, block_expert = align(experts, num_experts, BLOCK_M)
         h = torch.empty(slots.numel(), width, dtype=hidden.dtype, device=hidden.device)
@@ -308,8 +348,8 @@ def compile_for_gpu(arch: int, dtype: str = "bf16") -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fp32_pointers, index_pointers = {"out_ptr", "weights_ptr", "logits_ptr"}, {"slots_ptr", "block_expert_ptr",
-                                                                                "experts_ptr"}
+    fp32_pointers = {"out_ptr", "weights_ptr", "logits_ptr", "z_ptr"}
+    index_pointers = {"slots_ptr", "block_expert_ptr", "experts_ptr"}
     meta = {"TOP_K": 2, "GATED": True, "ACT": 0, "HAS_BIAS": True, "IEEE": dtype == "fp32", "UPCAST": False,
             "SOFTMAX": True, "COMBINE": 2, "BLOCK_E": 16, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}
     gemv = {"BLOCK_N": GEMV_BLOCK_N, "BLOCK_K": GEMV_BLOCK_K}

@@ -276,6 +276,21 @@ def test_triton_matches_reference(tokens, experts, top_k, width, shared, combine
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("gated,biased", [(True, False), (False, True)])
+def test_triton_small_batch_splits_the_hidden_dimension(gated, biased):
+    """One token over a hidden dimension of several GEMV blocks (with a ragged tail): the up kernel's partial
+    sums over hidden chunks, added in order by the down kernel, equal the reference."""
+    hidden, width = 3 * triton_moe.GEMV_BLOCK_K + 40, 24
+    splits, chunk = triton_moe._gemv_splits(2, width, hidden, torch.device(DEVICE))
+    assert splits > 1 and (splits - 1) * chunk < hidden <= splits * chunk
+    x, logits, w13, w2, pair = _case(1, 4, width, False, torch.float32, hidden=hidden, gated=gated)
+    b13 = torch.randn(w13.shape[:2], generator=torch.Generator().manual_seed(4)).to(DEVICE) if biased else None
+    kwargs = dict(gated=gated, activation="silu" if gated else "gelu", b13=b13)
+    ref = moe_forward(x, logits, w13, w2, 2, backend="reference", **kwargs)
+    torch.testing.assert_close(moe_forward(x, logits, w13, w2, 2, backend="triton", **kwargs), ref,
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("activation,gated", [("gelu_tanh", True), ("gelu", False), ("relu", False),
                                               ("silu", False)])
 @pytest.mark.parametrize("tokens", [3, 40])  # the small-batch path and the aligned path

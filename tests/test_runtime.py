@@ -120,10 +120,22 @@ def test_decode_weight_bytes_counts_one_row_of_an_untied_embedding(tiny):
     (("--prompt-tokens", "300"), "max_position_embeddings"),
     (("--device", "tpu"), "expected cpu or cuda"),
     (("--backend", "magic"), "--backend"),
+    (("--dtype", "float64"), "--dtype 'float64' is unknown"),
 ])
 def test_bench_bad_input_is_exit_2(tiny, args, needle):
     code, _, err = run_cli("bench", tiny("llama"), "--rounds", "1", *args)
     assert code == 2 and needle in " ".join(err.split()), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no GPU")
+@pytest.mark.parametrize("command", ["convert", "validate", "bench", "generate"])
+def test_device_cuda_without_a_gpu_is_exit_2(tiny, tmp_path, command):
+    """Every command with --device refuses cuda up front, naming the fix, where torch has no GPU."""
+    args = {"convert": ("-r", "mlpmoe", "-o", tmp_path / "out"), "validate": (), "bench": ("--baseline", "none"),
+            "generate": ("--prompt", "hi")}[command]
+    code, _, err = run_cli(command, tiny("llama"), *args, "--device", "cuda")
+    assert code == 2 and "this machine has no CUDA GPU" in " ".join(err.split()), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_generate_streams_the_greedy_continuation(tiny):

@@ -89,14 +89,17 @@ def _trainable(model, what: str) -> list[torch.Tensor]:
 
 
 def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, seed: int, dtype: str,
-                       shard_size: str) -> dict:
+                       shard_size: str, device: str = "cpu") -> dict:
+    """Train the model written to `out_dir` against `source` on `device` (the calibration device: teacher
+    and student both resident there, fp32)."""
     from moefy.loading import load_model, runs_on_moefy
 
     stage_start = time.perf_counter()
+    tokens = tokens.to(device)
     held, train = tokens[: options.holdout_samples], tokens[options.holdout_samples:]  # convert checked: train ≥ 1
-    teacher = load_model(source)
+    teacher = load_model(source, device=device)
     tick = time.perf_counter()
-    student = load_model(out_dir, backend="torch")  # torch: differentiable experts
+    student = load_model(out_dir, backend="torch", device=device)  # torch: differentiable experts
     load_seconds = time.perf_counter() - tick
     params = _trainable(student, options.train)
     if not params:
@@ -113,7 +116,7 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
         getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
     budget, seq_len = options.budget, train.shape[1]
     steps = None if budget.tokens is None else max(1, budget.tokens // seq_len)
-    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed)).tolist()
     # the minutes cover the whole stage: what ran so far, training, the held-out evaluation after it (as long
     # as the one before) and writing the weights (as long as reading them)
     seconds = None if budget.minutes is None else max(
@@ -132,7 +135,8 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
     if kept:
         _save_weights(student, Path(out_dir), getattr(torch, dtype), shard_size)
     return {"holdout_kl_before": round(before, 6), "holdout_kl_after": round(after, 6), "kept": kept,
-            "train": options.train, "steps": done, "tokens": done * seq_len, "seconds": round(seconds, 2),
+            "train": options.train, "device": device, "steps": done, "tokens": done * seq_len,
+            "seconds": round(seconds, 2),
             "train_kl_first_last": [round(losses[0], 6), round(losses[-1], 6)] if losses else None}
 
 

@@ -105,7 +105,8 @@ class Distill(Transform):
         e = self.options.end_to_end
         if e is None:
             return None
-        return distill_end_to_end(out_dir, source, calibration.tokens, e, self.seed, dtype, shard_size)
+        return distill_end_to_end(out_dir, source, calibration.tokens, e, self.seed, dtype, shard_size,
+                                  calibration.device)
 
     def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
         if previous is None:
