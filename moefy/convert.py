@@ -7,10 +7,12 @@ one output shard, whatever the model's size.  Output goes to a temp dir renamed 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,7 +34,8 @@ from moefy.progress import log, progress
 from moefy.recipe import Recipe
 from moefy.resources import available_memory
 from moefy.summary import summarize
-from moefy.transforms.base import LayerData, LayerPlan, Preview, SourceInfo, checked, mlp_from_tensors, read_mlp
+from moefy.plan import LayerPlan, SourceInfo
+from moefy.transforms.base import LayerData, Preview, checked, mlp_from_tensors, read_mlp
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,8 +117,10 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
                 "inputs": reads.as_json()}
     shard_bytes = parse_size(recipe.output.shard_size)
     with atomic_output(out, force, reads) as tmp:
-        layer_stats = _write_model(ckpt, info, transforms, choice.format, tmp, out_dtype, shard_bytes, seed,
-                                   calibration)
+        with _exact_reference(tmp, choice.exact) as reference:
+            layer_stats = _write_model(ckpt, info, transforms, choice.format, tmp, out_dtype, shard_bytes, seed,
+                                       calibration, reference)
+            gap = None if reference is None else _measure_gap(info, tmp, reference, seed)
         finalized = {t.name: stats for t in transforms
                      if (stats := t.finalize(tmp, ckpt, calibration, out_dtype, recipe.output.shard_size))}
         record = {
@@ -130,9 +135,8 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
             "layers": layer_stats,
             "finalize": finalized or None,  # model-wide passes after the layers (end-to-end distillation)
         }
-        if not choice.exact:
-            record["format"]["gap"] = _measure_gap(ckpt, info, transforms, tmp, shard_bytes, seed,
-                                                     calibration)
+        if gap is not None:
+            record["format"]["gap"] = gap
             log(f"inexact {choice.format.name} export: max |Δlogit| vs the exact native model "
                 f"{record['format']['gap']['max_abs_logit_diff']:.4g} on random prompts")
         record["load_check"] = _load_check(tmp, ckpt, info, transforms, choice, out_dtype, seed) if load_check \
@@ -236,36 +240,48 @@ def _calibration(ckpt: Checkpoint, info: SourceInfo, transforms, recipe: Recipe,
 
 
 def _write_model(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, directory: Path, dtype: str,
-                 shard_bytes: int, seed: int, calibration: Calibration | None) -> dict[str, dict]:
-    """Weights, config, side files and format files of one output; returns per-layer stats."""
+                 shard_bytes: int, seed: int, calibration: Calibration | None,
+                 reference: Path | None = None) -> dict[str, dict]:
+    """Weights, config, side files and format files of one output; returns per-layer stats. With `reference`,
+    the same blocks are also written there in the native format in fp32 (exact), in the same pass."""
     torch.manual_seed(seed)
-    blocks, layer_stats = _write_weights(ckpt, info, transforms, fmt, directory, TORCH_DTYPES[dtype], shard_bytes,
-                                         calibration)
-    config = fmt.config(info, blocks, dtype)
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for side in ckpt.side_files:
-        shutil.copyfile(side, directory / side.name)
-    fmt.write_files(directory)
+    targets = [(fmt, directory, TORCH_DTYPES[dtype])]
+    if reference is not None:
+        targets.append((FORMATS["native"], reference, torch.float32))
+    blocks, layer_stats = _write_weights(ckpt, info, transforms, targets, shard_bytes, calibration)
+    for target_fmt, target_dir, target_dtype in targets:
+        config = target_fmt.config(info, blocks, str(target_dtype).removeprefix("torch."))
+        (target_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for side in ckpt.side_files:
+            shutil.copyfile(side, target_dir / side.name)
+        target_fmt.write_files(target_dir)
     return layer_stats
 
 
-def _measure_gap(ckpt: Checkpoint, info: SourceInfo, transforms, out_dir: Path, shard_bytes: int,
-                 seed: int, calibration: Calibration | None) -> dict:
-    """Logit gap of an inexact export vs the same pipeline written exactly (native), fp32, random prompts."""
-    import tempfile
+@contextlib.contextmanager
+def _exact_reference(tmp: Path, exact: bool):
+    """A scratch directory beside the output for the exact native copy an inexact export is measured against
+    (None when the format is exact); removed afterwards."""
+    if exact:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".moefy-gap-") as scratch:
+        yield Path(scratch)
 
+
+def _measure_gap(info: SourceInfo, out_dir: Path, reference: Path, seed: int) -> dict:
+    """Logit gap of an inexact export vs the same blocks written exactly (native, fp32), on random prompts;
+    measured before any model-wide pass (`finalize`), so it is the format's error alone."""
     from moefy.loading import load_model
 
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".moefy-gap-") as exact_dir:
-        _write_model(ckpt, info, transforms, FORMATS["native"], Path(exact_dir), "float32", shard_bytes, seed,
-                     calibration)
-        ids = torch.randint(0, int(info.config["vocab_size"]), (4, 64), generator=torch.Generator().manual_seed(seed))
-        with torch.inference_mode():
-            exact = load_model(exact_dir)(input_ids=ids).logits.float()
-            written = load_model(out_dir)(input_ids=ids).logits.float()
+    ids = torch.randint(0, int(info.config["vocab_size"]), (4, 64), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        exact = load_model(reference)(input_ids=ids).logits.float()
+        written = load_model(out_dir)(input_ids=ids).logits.float()
     diff = (written - exact).abs()
     return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
-            "prompts": "4 random × 64 tokens", "reference": "same pipeline, native format, float32"}
+            "prompts": "4 random × 64 tokens",
+            "reference": "the same blocks in the native format, float32, written in the same pass"}
 
 
 def write_record(directory: Path, record: dict) -> None:
@@ -277,11 +293,12 @@ def write_record(directory: Path, record: dict) -> None:
         os.replace(partial, Path(directory) / name)
 
 
-def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Path, dtype: torch.dtype,
-                   shard_bytes: int, calibration: Calibration | None) -> tuple[dict[int, dict], dict[str, dict]]:
+def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, targets: list, shard_bytes: int,
+                   calibration: Calibration | None) -> tuple[dict[int, dict], dict[str, dict]]:
     """Every source tensor once; a layer's MLP weights are held until the layer is complete, then transformed
-    and written.  Weight-only pipelines read the checkpoint in on-disk order (one sequential pass, which
-    also hashes it); calibrating ones read the MLPs in layer order, as the layer-by-layer forward needs."""
+    and written to each of `targets` ((format, directory, dtype): the output, and an exact reference when the
+    output's format is not exact). Weight-only pipelines read the checkpoint in on-disk order (one sequential
+    pass, which also hashes it); calibrating ones read the MLPs in layer order, as the layer-by-layer forward needs."""
     adapter = info.adapter
     num_layers = adapter.num_layers(info.config)
     owner = {name: (layer, role) for layer in range(num_layers)
@@ -303,12 +320,16 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
     as_stored = runner is None and all(t.only_rearranges for t in transforms)
     pending: dict[int, dict[str, torch.Tensor]] = {}
     blocks, stats = {}, {}
-    with ShardedWriter(tmp, shard_bytes) as writer, progress("convert layers", num_layers) as advance:
+    with contextlib.ExitStack() as stack:
+        writers = [(fmt, stack.enter_context(ShardedWriter(directory, shard_bytes)), dtype)
+                   for fmt, directory, dtype in targets]
+        advance = stack.enter_context(progress("convert layers", num_layers))
         for name, tensor in reads:
             tensor = checked(name, tensor, ckpt.path)
             if name not in owner:
                 if name not in skip:
-                    writer.add(name, tensor.to(dtype))
+                    for _, writer, dtype in writers:
+                        writer.add(name, tensor.to(dtype))
                 continue
             layer, role = owner[name]
             pending.setdefault(layer, {})[role] = tensor
@@ -316,16 +337,17 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, tmp: Pat
                 continue
             dense = mlp_from_tensors(info, pending.pop(layer), upcast=not as_stored)
             block = _transform_layer(layer, dense, transforms, runner, calibration)
-            for out_name, out_tensor in fmt.layer_tensors(layer, block, info).items():
-                writer.add(out_name, out_tensor.to(dtype))
-            for out_name, out_tensor in fmt.extra_tensors(layer, info, ckpt.has).items():
-                writer.add(out_name, out_tensor.to(dtype))
+            for fmt, writer, dtype in writers:
+                for out_name, out_tensor in {**fmt.layer_tensors(layer, block, info),
+                                             **fmt.extra_tensors(layer, info, ckpt.has)}.items():
+                    writer.add(out_name, out_tensor.to(dtype))
             if isinstance(block, MoeLayer):
                 blocks[layer] = block.block_spec()
                 stats[str(layer)] = {**blocks[layer], "scales": [round(float(s), 6) for s in block.scales],
                                      **block.stats}
             advance()
-        writer.close()
+        for _, writer, _ in writers:
+            writer.close()
     ckpt.release()
     return blocks, stats
 

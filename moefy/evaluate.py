@@ -9,21 +9,11 @@ import torch
 
 from moefy.arch import check_window
 from moefy.errors import BadInput, CheckFailed
-from moefy.io.data import TextData, load_text
+from moefy.io.data import load_text, token_windows
 from moefy.io.checkpoint import open_source
 from moefy.loading import checked_backend, load_model, load_tokenizer
 from moefy.progress import log, progress
 from moefy.summary import summarize
-
-
-def token_windows(tokenizer, data: TextData, seq_len: int, max_windows: int | None) -> torch.Tensor:
-    ids = tokenizer(data.text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    available = len(ids) // seq_len
-    if available == 0:
-        raise BadInput(f"dataset {data.name} has {len(ids)} tokens, fewer than one window of {seq_len}. Use a "
-                       f"longer text or a smaller --seq-len.")
-    windows = available if max_windows is None else min(available, max_windows)
-    return torch.tensor(ids[: windows * seq_len]).view(windows, seq_len)
 
 
 def _check_ids(windows: torch.Tensor, ckpt, name: str) -> None:

@@ -13,7 +13,8 @@ from moefy.calib import load_calibration
 from moefy.io.checkpoint import open_source
 from moefy.recipe import load_recipe
 from moefy.transforms import carve as carve_module
-from moefy.transforms.base import LayerData, SourceInfo, read_mlp
+from moefy.plan import SourceInfo
+from moefy.transforms.base import LayerData, read_mlp
 
 CALIB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 LAYERS = 4

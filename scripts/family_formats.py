@@ -18,7 +18,7 @@ from moefy.arch import ADAPTERS
 from moefy.convert import plan_pipeline
 from moefy.export import choose_format
 from moefy.recipe import load_recipe
-from moefy.transforms.base import SourceInfo
+from moefy.plan import SourceInfo
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"slice": "mlpmoe", "slice + fade": "mlpmoe-fade", "slice + prune": "mlpmoe-compensated",

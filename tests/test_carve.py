@@ -151,7 +151,8 @@ def test_carve_needs_calibration_data(tiny, tmp_path, content):
 def test_reported_errors_are_those_of_the_block_that_is_written():
     """carve's diagnostics come from cached activations; they must equal the written block's forward."""
     from moefy.moe.layer import DenseMLP
-    from moefy.transforms.base import LayerData, SourceInfo
+    from moefy.plan import SourceInfo
+    from moefy.transforms.base import LayerData
     from moefy.transforms.carve import Carve, CarveOptions
 
     gen = torch.Generator().manual_seed(0)

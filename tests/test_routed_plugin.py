@@ -5,8 +5,9 @@ import torch
 
 import moefy
 from moefy.moe.layer import MoeLayer
+from moefy.plan import LayerPlan, Options
 from moefy.transforms import TRANSFORMS
-from moefy.transforms.base import LayerPlan, Options, Transform
+from moefy.transforms.base import Transform
 from moefy_kernels import cpu_decode
 from tests.conftest import logits, random_ids, read_json, run_cli
 
@@ -74,6 +75,26 @@ def test_allowed_inexact_export_records_the_measured_gap(tiny, tmp_path, toy_rec
     measured = (logits(moefy.load(out), ids) - logits(moefy.load(exact), ids)).abs().max().item()
     assert fmt["gap"]["max_abs_logit_diff"] == pytest.approx(measured, rel=1e-4)
     assert measured > 1e-4  # unit weights vs renormalised probabilities really differ
+
+
+def test_the_gap_of_a_distilled_inexact_export_is_the_formats_alone(tiny, tmp_path, toy_recipe):
+    """A recipe that trains (distill's layer-local stage): the recorded gap compares the written blocks with the
+    same trained blocks in the native format, not with a second, untrained run of the pipeline."""
+    src, out, exact = tiny("llama"), tmp_path / "out", tmp_path / "exact"
+    toy_recipe.write_text("transforms:\n  - toy_route: {experts: 4, top_k: 2, combine: unit}\n"
+                          "  - distill: {budget: {tokens: 2048}, batch_tokens: 64, holdout_tokens: 64}\n"
+                          "calibration: {samples: 4, seq_len: 64}\n")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    common = ["-r", toy_recipe, "--calib", calib]
+    code, _, err = run_cli("convert", src, *common, "-o", out, "--format", "mixtral", "--allow-inexact")
+    assert code == 0, err
+    assert run_cli("convert", src, *common, "-o", exact, "--format", "native")[0] == 0
+    record = read_json(out / "moefy.json")
+    assert record["layers"] == read_json(exact / "moefy.json")["layers"]  # the same training, byte for byte
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    measured = (logits(moefy.load(out), ids) - logits(moefy.load(exact), ids)).abs().max().item()
+    assert record["format"]["gap"]["max_abs_logit_diff"] == pytest.approx(measured, rel=1e-4)
 
 
 def test_prob_combine_is_exact_in_qwen2_moe(tiny, tmp_path, toy_recipe):

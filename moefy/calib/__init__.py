@@ -30,8 +30,7 @@ class Calibration:
 def load_calibration(ckpt, spec: str, samples: int, seq_len: int, *, mode: str = "sequential", batch_size: int = 8,
                      device: str = "cpu") -> Calibration:
     """`samples` windows of `seq_len` tokens spread evenly over DATA, tokenized with the source's tokenizer."""
-    from moefy.evaluate import token_windows
-    from moefy.io.data import load_text
+    from moefy.io.data import load_text, token_windows
     from moefy.loading import load_tokenizer
 
     data = load_text(spec)

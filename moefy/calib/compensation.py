@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from moefy.moe.layer import MoeLayer
-from moefy.transforms.base import Options
+from moefy.plan import Options
 
 DIAGNOSTIC_TOKENS = 2048  # calibration tokens the reported reconstruction errors are measured on
 

@@ -11,7 +11,7 @@ from moefy.export.mixtral import MixtralFormat
 from moefy.export.native import NativeFormat
 from moefy.export.qwen2_moe import Qwen2MoeFormat
 from moefy.export.qwen3_moe import Qwen3MoeFormat
-from moefy.transforms.base import LayerPlan, SourceInfo
+from moefy.plan import LayerPlan, SourceInfo
 
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (MixtralFormat(), Qwen2MoeFormat(), Qwen3MoeFormat(),
                                                          GraniteMoeFormat(), GraniteMoeSharedFormat(),

@@ -10,7 +10,7 @@ import torch
 
 from moefy.arch.base import ACTIVATION_NAMES
 from moefy.moe.layer import DenseMLP, MoeLayer
-from moefy.transforms.base import LayerPlan, SourceInfo
+from moefy.plan import LayerPlan, SourceInfo
 from moefy_kernels import cpu_decode
 from moefy_kernels.torch_ops import GATHER_MAX_TOKENS, fused_decode, fused_fits
 

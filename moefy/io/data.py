@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moefy.errors import BadInput
 
 
@@ -59,3 +61,15 @@ def _load_hf(spec: str) -> TextData:
         raise BadInput(f"dataset {spec} has no `text` column (columns: {', '.join(ds.column_names)}).")
     text = "\n\n".join(ds["text"])
     return TextData(spec, text, hashlib.sha256(text.encode()).hexdigest())
+
+
+def token_windows(tokenizer, data: TextData, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """The first `max_windows` (None: all) non-overlapping windows of `seq_len` tokens of the text tokenized
+    as one stream, without special tokens [N, seq_len]: the evaluation protocol and calibration alike."""
+    ids = tokenizer(data.text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    available = len(ids) // seq_len
+    if available == 0:
+        raise BadInput(f"dataset {data.name} has {len(ids)} tokens, fewer than one window of {seq_len}. Use a "
+                       f"longer text or a smaller --seq-len.")
+    windows = available if max_windows is None else min(available, max_windows)
+    return torch.tensor(ids[: windows * seq_len]).view(windows, seq_len)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from moefy.transforms.base import LayerPlan, SourceInfo, Transform
+from moefy.plan import LayerPlan, SourceInfo
+from moefy.transforms.base import Transform
 from moefy.transforms.carve import Carve
 from moefy.transforms.distill import Distill
 from moefy.transforms.fit_router import FitRouter

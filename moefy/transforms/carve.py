@@ -28,7 +28,8 @@ from moefy.calib.routers import (centroid_router, expert_activation_mass, expert
                                  routing_diagnostics, scale_to_temperature, top_k_mask)
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, activations
-from moefy.transforms.base import LayerData, LayerPlan, Options, Preview, SourceInfo, Transform
+from moefy.plan import LayerPlan, Options, SourceInfo
+from moefy.transforms.base import LayerData, Preview, Transform
 
 
 class CarveOptions(Options):

@@ -34,7 +34,8 @@ from moefy.calib.end_to_end import distill_end_to_end, improved, train_adam
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer
 from moefy.progress import log
-from moefy.transforms.base import LayerData, LayerPlan, Options, SourceInfo, Transform
+from moefy.plan import LayerPlan, Options, SourceInfo
+from moefy.transforms.base import LayerData, Transform
 
 PARTS = ("router", "experts", "scales", "shared")  # + "bias": a new output bias (standard formats have none)
 

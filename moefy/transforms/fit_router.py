@@ -31,7 +31,8 @@ from moefy.calib.routers import (expert_activation_mass, expert_output_norms, ri
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, activations
 from moefy.progress import log
-from moefy.transforms.base import LayerData, LayerPlan, Options, SourceInfo, Transform
+from moefy.plan import LayerPlan, Options, SourceInfo
+from moefy.transforms.base import LayerData, Transform
 
 
 class FitRouterOptions(Options):

@@ -25,7 +25,8 @@ from pydantic import Field, model_validator
 
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, concat_mlps
-from moefy.transforms.base import LayerPlan, Options, SourceInfo, Transform
+from moefy.plan import LayerPlan, Options, SourceInfo
+from moefy.transforms.base import Transform
 
 Score = Literal["down_max", "magnitude", "down_norm", "gate_up_norm"]
 

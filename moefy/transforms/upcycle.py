@@ -34,7 +34,8 @@ from moefy.errors import BadInput
 from moefy.io.checkpoint import open_source
 from moefy.io.yaml_file import load_yaml
 from moefy.moe.layer import DenseMLP, MoeLayer, concat_mlps
-from moefy.transforms.base import LayerData, LayerPlan, Options, Preview, SourceInfo, Transform, read_mlp
+from moefy.plan import LayerPlan, Options, SourceInfo
+from moefy.transforms.base import LayerData, Preview, Transform, read_mlp
 from moefy.transforms.slice import neuron_scores
 
 
