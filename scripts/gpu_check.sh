@@ -8,9 +8,10 @@
 # % of the measured copy bandwidth and matmul rate) at the demo's and at Llama-3-8B shapes; a random-weight
 # model of the demo's shape (the real weights do not travel) carved as carve-50 does (calibration on the
 # GPU) and distilled end to end for 32 steps on the GPU (steps/s); `moefy validate` of it on Triton and
-# `moefy bench` against its dense source (Triton bf16 and fp32, torch bf16). Each step has its own time limit and log; a
-# failed step does not stop the others; RESULTS/steps.jsonl says how each ended. Python packages the
-# machine lacks can wait as wheels in ASSETS/wheels (installed with --no-index into a temporary folder).
+# `moefy bench` against its dense source (Triton bf16 and fp32, torch bf16). Each step has its own time
+# limit and log; a failed step does not stop the others; RESULTS/steps.jsonl says how each ended. Python
+# packages the machine lacks can wait as wheels in ASSETS/wheels (installed with --no-index into a
+# temporary folder). GPU_CHECK_MODELS_ONLY=1 runs only the model steps. Results: docs/BENCHMARKS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
