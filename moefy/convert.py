@@ -49,10 +49,12 @@ def source_dtype(ckpt: Checkpoint) -> str:
 
 
 def plan_pipeline(transforms, source: SourceInfo) -> LayerPlan:
+    """Each transform checked, planned and set up in recipe order (transforms/base.py: the lifecycle)."""
     plan = None
     for transform in transforms:
         transform.check(source)
-        plan = transform.plan(plan, source)
+        previous, plan = plan, transform.plan(plan, source)
+        transform.setup(source, previous)
     return plan
 
 

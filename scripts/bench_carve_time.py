@@ -27,6 +27,7 @@ def main() -> None:
     runner = load_calibration(ckpt, str(CALIB), 64, 512).runner(ckpt, adapter)
     carve = load_recipe("carve-50").build_transforms(0)[0]
     carve.check(info)
+    carve.setup(info, carve.plan(None, info))
     clustering = carve_module.balanced_clusters
     seconds = {"attention pass": 0.0, "carve": 0.0, "of which clustering": 0.0, "carved block forward": 0.0}
 

@@ -160,7 +160,11 @@ def test_reported_errors_are_those_of_the_block_that_is_written():
                    torch.randn(16, 64, generator=gen), "silu")
     x = torch.randn(300, 16, generator=gen)
     carve = Carve(CarveOptions(experts=8, shared=2, top_k=2, compensation={"refit_down": True, "bias": True}))
-    carve.check(SourceInfo(adapter_for({"model_type": "llama"}), {"intermediate_size": 64, "num_hidden_layers": 1}))
+    source = SourceInfo(adapter_for({"model_type": "llama"}), {"intermediate_size": 64, "num_hidden_layers": 1})
+    with pytest.raises(RuntimeError, match="before setup"):
+        carve.apply(0, mlp, LayerData(x, mlp))
+    carve.check(source)
+    carve.setup(source, carve.plan(None, source))
     moe = carve.apply(0, mlp, LayerData(x, mlp))
     dense = mlp.forward(x)
     error = float((moe.forward(x) - dense).pow(2).sum() / dense.pow(2).sum())

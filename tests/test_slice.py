@@ -32,10 +32,16 @@ def test_dyadic_fade_keeps_the_top_half_whole_and_hits_the_target():
     assert abs(1 - sum(keep) / 512 - 0.2) < 0.01
 
 
+def _set_up(transform: Slice) -> Slice:
+    transform.setup(source=None, previous=None)  # slice reads nothing at setup; apply needs it to have run
+    return transform
+
+
 @pytest.mark.parametrize("schedule", ["dyadic", "geometric", "uniform"])
 @pytest.mark.parametrize("target", [0.1, 0.3])
 def test_fade_removes_the_target_fraction(schedule, target):
-    layer = Slice(SliceOptions(experts=8, fade={"target_removed": target, "schedule": schedule})).apply(0, _mlp())
+    transform = _set_up(Slice(SliceOptions(experts=8, fade={"target_removed": target, "schedule": schedule})))
+    layer = transform.apply(0, _mlp())
     assert abs(layer.stats["neurons_removed_fraction"] - target) <= 0.02
     assert sum(layer.widths) == layer.mlp.width
 
@@ -60,7 +66,7 @@ def test_fade_equals_dense_with_the_faded_neurons_removed(tiny, tmp_path):
     out = tmp_path / "fade"
     assert run_cli("convert", src, "-r", "mlpmoe-fade", "-o", out, "--set", "transforms.0.slice.experts=8")[0] == 0
     assert read_json(out / "config.json")["model_type"] == "moefy"  # unequal widths → native
-    transform = Slice(SliceOptions(experts=8, fade={"target_removed": 0.2}))
+    transform = _set_up(Slice(SliceOptions(experts=8, fade={"target_removed": 0.2})))
 
     def keep(mlp):
         kept = torch.zeros(mlp.width)

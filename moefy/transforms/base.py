@@ -1,15 +1,21 @@
 """Transform plugins: validated options, a weight-free plan, and a per-layer apply.
 
-Lifecycle (llm-compressor style): `check(source)` validates options against the architecture
-before anything is written; `plan(prev)` says what the layers will look like so the export
-format can be chosen up front; an optional dense `preview` pass sees every layer before any is
-rewritten; `apply(layer, block, data)` rewrites one layer at a time, in layer order, so memory stays
-bounded by one layer (+ the calibration activations when a transform needs them: see moefy.calib);
-an optional `finalize` sees the whole written model (end-to-end distillation).
+Lifecycle (llm-compressor style), in this order:
+1. `check(source)` validates the options against the architecture (config only, nothing read);
+2. `plan(previous, source)` says what the layers will look like, so the export format is chosen up front
+   (pure: it sets no state);
+3. `setup(source, previous)` reads what the run needs (files the options name, other checkpoints) and
+   sets the run's state — still before any tensor is written, so `--dry-run` checks it too;
+4. an optional dense `preview` pass sees every layer before any is rewritten;
+5. `apply(layer, block, data)` rewrites one layer at a time, in layer order, so memory stays bounded by one
+   layer (+ the calibration activations when a transform needs them: see moefy.calib);
+6. an optional `finalize` sees the whole written model (end-to-end distillation).
+Calling preview, apply or finalize before setup is a pipeline bug and raises RuntimeError.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,6 +43,28 @@ class Preview:
     texts: tuple[str, ...] = ()
 
 
+def _after_setup(method):
+    """`method`, refusing to run before `setup` (the lifecycle above)."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if not self.__dict__.get("_set_up"):
+            raise RuntimeError(f"{type(self).__name__}.{method.__name__} called before setup(): a pipeline calls "
+                               f"check, plan and setup, then preview / apply / finalize")
+        return method(self, *args, **kwargs)
+    return guarded
+
+
+def _marks_setup(method):
+    @functools.wraps(method)
+    def setup(self, *args, **kwargs):
+        method(self, *args, **kwargs)
+        self._set_up = True
+    return setup
+
+
+GUARDED = ("preview_request", "preview", "apply", "finalize")
+
+
 class Transform:
     name: ClassVar[str]
     Options: ClassVar[type[Options]]
@@ -46,11 +74,25 @@ class Transform:
         self.options = options
         self.seed = seed
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in GUARDED:
+            if name in vars(cls):
+                setattr(cls, name, _after_setup(vars(cls)[name]))
+        if "setup" in vars(cls):
+            cls.setup = _marks_setup(vars(cls)["setup"])
+
     def check(self, source: SourceInfo) -> None:
-        """Raise BadInput when the options cannot apply to this architecture."""
+        """Raise BadInput when the options cannot apply to this architecture (config only)."""
 
     def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
+        """The layers after this transform, from `previous` (None: the dense model), weight-free and pure."""
         raise NotImplementedError
+
+    @_marks_setup
+    def setup(self, source: SourceInfo, previous: LayerPlan | None) -> None:
+        """Read what the run needs and set its state (counters, opened files); BadInput for what is wrong
+        with them. `previous` is the plan this transform starts from."""
 
     @property
     def needs_calibration(self) -> bool:
@@ -89,18 +131,22 @@ class Transform:
         """Fewest calibration samples (sequences) this transform can work with."""
         return 0
 
+    @_after_setup
     def preview_request(self) -> Preview | None:
         """Ask for a dense preview pass (model-wide decisions, e.g. budgets, prompt hidden states)."""
         return None
 
+    @_after_setup
     def preview(self, layer: int, mlp: DenseMLP, inputs: list[torch.Tensor]) -> None:
         """One layer of the preview pass: the dense MLP and its inputs, [T_b, H] per batch (one text per
         batch when the request gave texts)."""
 
+    @_after_setup
     def apply(self, layer: int, current: DenseMLP | MoeLayer, data: LayerData | None = None) -> DenseMLP | MoeLayer:
         """Rewrite one layer; `data` is given when the pipeline calibrates, else None."""
         raise NotImplementedError
 
+    @_after_setup
     def finalize(self, out_dir, source, calibration, dtype: str, shard_size: str) -> dict | None:
         """A model-wide pass once every layer is written to `out_dir` (in place, before it is renamed to OUT):
         e.g. end-to-end training. Returns what to record in moefy.json (None: nothing done)."""

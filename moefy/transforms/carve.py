@@ -76,12 +76,15 @@ class Carve(Transform):
             divisors = [d for d in range(2, min(width, 512) + 1) if width % d == 0]
             raise BadInput(f"carve.experts={o.experts} does not divide the MLP width {width}; experts have equal "
                            f"widths. Divisors of {width}: {', '.join(map(str, divisors[:24]))}.")
-        layers = self._num_layers = source.adapter.num_layers(source.config)
-        self._loss_curves: dict[int, list[float]] = {}  # adaptive budget: filled by preview()
-        self._allocation: dict[int, int] | None = None
+        layers = source.adapter.num_layers(source.config)
         bad = [i for i in o.dense_layers if not -layers <= i < layers]
         if bad:
             raise BadInput(f"carve.dense_layers has {bad[0]}, outside the model's {layers} layers.")
+
+    def setup(self, source: SourceInfo, previous: LayerPlan | None) -> None:
+        self._num_layers = source.adapter.num_layers(source.config)
+        self._loss_curves: dict[int, list[float]] = {}  # adaptive budget: filled by preview()
+        self._allocation: dict[int, int] | None = None
 
     def plan(self, previous: LayerPlan | None, source: SourceInfo) -> LayerPlan:
         if previous is not None:

@@ -122,11 +122,13 @@ class Distill(Transform):
             raise BadInput(f"distill.train={self.options.train} leaves nothing to train in this MoE "
                            f"({'static, no router' if previous.scoring == 'none' else 'routed'}"
                            f"{', no shared expert' if not previous.shared else ''}). Add experts or scales.")
-        self._layers_left = source.adapter.num_layers(source.config) - len(previous.dense_layers)
-        self._spent_tokens, self._spent_seconds = 0, 0.0
         if "bias" in self.options.train and not previous.bias:  # a trained output bias is a new tensor
             return dataclasses.replace(previous, bias=True)
         return previous
+
+    def setup(self, source: SourceInfo, previous: LayerPlan | None) -> None:
+        self._layers_left = source.adapter.num_layers(source.config) - len(previous.dense_layers)
+        self._spent_tokens, self._spent_seconds = 0, 0.0
 
     def apply(self, layer: int, current: DenseMLP | MoeLayer, data: LayerData | None = None):
         if data is None:

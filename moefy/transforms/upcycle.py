@@ -100,9 +100,11 @@ class Upcycle(Transform):
         if self._routed_width(source.mlp_width) % g:
             raise BadInput(f"upcycle.granularity={g} does not divide the routed MLP width "
                            f"{self._routed_width(source.mlp_width)}. Pick a divisor.")
-        self._prompts = self._load_prompts() if o.router == "hidden" else None
         if o.prompts and o.router != "hidden":
             raise BadInput(f"upcycle.prompts is only used by router: hidden (router is {o.router}).")
+
+    def setup(self, source: SourceInfo, previous: LayerPlan | None) -> None:
+        self._prompts = self._load_prompts() if self.options.router == "hidden" else None
         self._info = source
         self._sources = self._open_sources(source)
         self._hidden_rows: dict[int, torch.Tensor] = {}
