@@ -312,6 +312,9 @@ def bench(
     _write_json(json_path, report)
 
 
+BEYOND_BYTES = 1.05  # decode faster than this share of the bytes-ideal ratio is the runtime's, not the sparsity's
+
+
 def print_bench(report: dict) -> None:
     table = Table(title=f"speed · {report['machine']} · {report['threads']} threads · batch {report['batch']} · "
                         f"{report['prompt_tokens']}-token prompt, {report['new_tokens']} new · "
@@ -325,6 +328,11 @@ def print_bench(report: dict) -> None:
         table.add_row("ratio (model ÷ baseline)", f"{report['prefill_ratio']:.2f}×", f"{report['decode_ratio']:.2f}×",
                       f"ideal {report['bytes_ideal_ratio']:.2f}× (decode at {report['decode_of_ideal']:.0%} of it)")
     out.print(table)
+    if report["baseline"] is not None and report["decode_of_ideal"] > BEYOND_BYTES:
+        out.print(f"note: decode is {report['decode_of_ideal']:.0%} of what the bytes allow — more than the sparsity "
+                  "explains, so part of it is the runtime (on some CPUs moefy's decode kernel reads weights faster "
+                  "than torch's). For the sparsity's own share, bench against an exact `mlpmoe` conversion of the "
+                  "baseline (--baseline OUT_MLPMOE): the same runtime, the dense bytes.")
 
 
 @app.command()

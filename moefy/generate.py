@@ -28,13 +28,14 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 
 def generate(model_spec: str, prompt: str, *, max_new_tokens: int = 64, chat: bool = False, backend: str = "auto",
-             device: str = "cpu", threads: int | None = None, stream=sys.stdout) -> dict:
-    """Greedy generation, each new piece of text written to `stream` as soon as it is decoded; returns the
-    text and the decode speed."""
+             device: str = "cpu", threads: int | None = None, stream=None) -> dict:
+    """Greedy generation, each new piece of text written to `stream` (None: sys.stdout as it is when called,
+    not as it was at import) as soon as it is decoded; returns the text and the decode speed."""
     from transformers import TextStreamer
 
     from moefy.loading import load_model, load_tokenizer
 
+    stream = sys.stdout if stream is None else stream
     if max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens {max_new_tokens} must be at least 1.")
     device = checked_device(device)

@@ -121,7 +121,7 @@ def test_end_to_end_distillation(tiny, tmp_path, text_file, family, carve, fmt, 
     assert any(calls)  # the training steps ran on it
     e2e = record["finalize"]["distill"]
     assert record["format"]["name"] == fmt and e2e["kept"] and e2e["holdout_kl_after"] < e2e["holdout_kl_before"]
-    assert e2e["steps"] == 1024 // 64 and e2e["tokens"] == 1024
+    assert e2e["steps"] == 1024 // 64 and e2e["tokens"] == 1024 and e2e["stopped_by"] == "tokens"
     assert all("distill" not in s for s in record["layers"].values())  # no layer-local stage asked for
     assert run_cli("validate", tmp_path / "out")[0] == 0
     AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=fmt == "native")
@@ -159,6 +159,7 @@ def test_end_to_end_minutes_cover_loading_and_evaluation(tiny, tmp_path, text_fi
                       text_file)
     e2e = record["finalize"]["distill"]
     assert e2e["steps"] == 0 and not e2e["kept"] and e2e["holdout_kl_after"] == e2e["holdout_kl_before"]
+    assert e2e["stopped_by"] == "clock"
     _convert(src, _recipe(tmp_path, carve, None), tmp_path / "carved", text_file)
     a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "carved" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

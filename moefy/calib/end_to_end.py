@@ -137,6 +137,8 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
     return {"holdout_kl_before": round(before, 6), "holdout_kl_after": round(after, 6), "kept": kept,
             "train": options.train, "device": device, "steps": done, "tokens": done * seq_len,
             "seconds": round(seconds, 2),
+            # what ended training: the token budget (reproducible), or the clock (depends on the machine's speed)
+            "stopped_by": "tokens" if steps is not None and done >= steps else "clock",
             "train_kl_first_last": [round(losses[0], 6), round(losses[-1], 6)] if losses else None}
 
 
