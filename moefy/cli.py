@@ -106,8 +106,8 @@ def convert(
     output: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --force)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: KEY=VALUE (YAML value)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text (.txt/.raw/.jsonl/hf:...)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="auto|native|mixtral|qwen2_moe|qwen3_moe|granitemoe|"
-                                                            "granitemoeshared (`moefy recipes` lists them)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="auto, native or a standard MoE format (the registry "
+                                                            "`moefy recipes` lists)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto|float32|bfloat16|float16."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed of every random choice (0 … 2³²−1)."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda (for calibration-based transforms)."),

@@ -150,3 +150,25 @@ def test_validate_static_exports_and_dense_input(tiny, tmp_path):
         assert code == 0, stdout + err
     code, _, err = run_cli("validate", src)
     assert code == 2 and "no MoE blocks" in err
+
+
+@pytest.mark.parametrize("fmt", ["native", "qwen2_moe"])
+def test_distill_trains_what_the_format_says_routes(tiny, tmp_path, toy_recipe, fmt):
+    """`distill end_to_end train: router` takes each block's routing submodules from its format (native: the
+    router and the expert scales; standard: the format's router attribute and its extra routing modules), and
+    `moe` every block parameter."""
+    from moefy.calib.end_to_end import _trainable
+
+    out = tmp_path / "out"
+    extra = ["--set", "transforms.0.toy_route.combine=prob"] if fmt == "qwen2_moe" else []
+    assert run_cli("convert", tiny("llama"), "-r", toy_recipe, "-o", out, "--format", fmt, *extra)[0] == 0
+    model = moefy.load(out)
+    named = {id(p): n for n, p in model.named_parameters()}
+    routing = {named[id(p)].split(".mlp.")[1] for p in _trainable(model, "router")}
+    # qwen2_moe: its router and the shared expert's gate (written, zero-wide, even without a shared expert)
+    assert routing == ({"router.weight", "expert_scales"} if fmt == "native" else
+                       {"gate.weight", "shared_expert_gate.weight"})
+    assert all(p.requires_grad == (named[id(p)].split(".mlp.")[-1] in routing and ".mlp." in named[id(p)])
+               for p in model.parameters())
+    moe = {named[id(p)] for p in _trainable(model, "moe")}
+    assert moe == {n for n, _ in model.named_parameters() if ".mlp." in n}

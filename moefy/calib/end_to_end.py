@@ -71,15 +71,18 @@ def _kl(student, teacher, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _trainable(model, what: str) -> list[torch.Tensor]:
-    from moefy.loading import moe_blocks
+    """The parameters `train` names — all, every MoE block's, or only what routes (each block's format, or
+    the native block, says which of its submodules route) — set to require gradients, the others not."""
+    from moefy.loading import format_of, moe_blocks
 
     if what == "all":
         names = {n for n, _ in model.named_parameters()}
     else:
-        names = {f"{block}.{n}" for block, module in moe_blocks(model) for n, _ in module.named_parameters()}
-        if what == "router":
-            names = {n for n in names if ".router" in n or ".gate.weight" in n or n.endswith("expert_scales")
-                     or "shared_expert_gate" in n}
+        names = set()
+        for block, module in moe_blocks(model):
+            routing = (format_of(module) or module).routing_modules()
+            names |= {f"{block}.{n}" for n, _ in module.named_parameters()
+                      if what == "moe" or n.split(".")[0] in routing}
     params = []
     for name, param in model.named_parameters():
         param.requires_grad_(name in names)

@@ -91,6 +91,12 @@ class StandardMoeFormat(ExportFormat):
     can_skip_layers: ClassVar[bool] = False  # has `mlp_only_layers`
     renormalize_key: ClassVar[str | None] = None  # config flag for renormalised top-k weights
     router_attr: ClassVar[str] = "gate"  # the block's router: x → (logits, top-k weights, top-k expert ids)
+    extra_routing: ClassVar[tuple[str, ...]] = ()  # other routing submodules of the block (a shared expert's gate)
+
+    @classmethod
+    def routing_modules(cls) -> tuple[str, ...]:
+        """The block's submodules that decide or weight the routing (what `distill train: router` trains)."""
+        return (cls.router_attr, *cls.extra_routing)
 
     def fast_decode(self, block, config) -> None:
         """At decode, the block's own router (tokens are routed exactly as in prefill), then its experts — and

@@ -18,6 +18,7 @@ class Qwen2MoeFormat(StandardMoeFormat):
     has_shared = True
     can_skip_layers = True
     renormalize_key = "norm_topk_prob"
+    extra_routing = ("shared_expert_gate",)
 
     def _attention_unsupported(self, config):
         if config.get("attention_bias"):

@@ -142,6 +142,11 @@ class PackedExperts(nn.Module):
 class MoeBlock(nn.Module):
     """Routed experts (+ optional always-on shared expert) with exact, configurable semantics."""
 
+    @staticmethod
+    def routing_modules() -> tuple[str, ...]:
+        """The submodules and parameters that decide or weight the routing (what `distill train: router` trains)."""
+        return "router", "router_in", "router_out", "expert_scales"
+
     def __init__(self, hidden: int, spec: dict, dtype=None):
         super().__init__()
         self.scoring = spec["scoring"]
