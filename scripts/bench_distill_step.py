@@ -19,7 +19,7 @@ import torch
 from bench_carve import SHARED
 
 from moefy.calib import load_calibration
-from moefy.calib.end_to_end import _kl, _trainable, train_adam
+from moefy.transforms.end_to_end import _kl, _trainable, train_adam
 from moefy.io.checkpoint import open_source
 from moefy.loading import experts_implementation, load_model
 from moefy.progress import set_quiet

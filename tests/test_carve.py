@@ -8,7 +8,7 @@ import torch
 import moefy
 from moefy.arch import adapter_for
 from moefy.calib import load_calibration
-from moefy.calib.routers import ridge_router, top_k_recall
+from moefy.transforms.routers import ridge_router, top_k_recall
 from moefy.io.checkpoint import open_source
 from moefy.transforms.carve import balanced_clusters
 from tests.conftest import FAMILY_CONFIGS, assert_matches_dense, load_dense, logits, random_ids, read_json, run_cli

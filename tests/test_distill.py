@@ -171,7 +171,7 @@ def test_training_ends_with_small_steps_when_the_clock_stops_it():
     no step starts that the pace says would end after the clock."""
     import time
 
-    from moefy.calib.end_to_end import train_adam
+    from moefy.transforms.end_to_end import train_adam
 
     t = torch.ones(1, requires_grad=True)
     values = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from moefy.calib.routers import ridge_router, routing_diagnostics
+from moefy.transforms.routers import ridge_router, routing_diagnostics
 from moefy.moe.layer import DenseMLP, MoeLayer
 from tests.conftest import assert_matches_dense, load_dense, logits, random_ids, read_json, run_cli
 

@@ -157,7 +157,7 @@ def test_distill_trains_what_the_format_says_routes(tiny, tmp_path, toy_recipe, 
     """`distill end_to_end train: router` takes each block's routing submodules from its format (native: the
     router and the expert scales; standard: the format's router attribute and its extra routing modules), and
     `moe` every block parameter."""
-    from moefy.calib.end_to_end import _trainable
+    from moefy.transforms.end_to_end import _trainable
 
     out = tmp_path / "out"
     extra = ["--set", "transforms.0.toy_route.combine=prob"] if fmt == "qwen2_moe" else []

@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from moefy.calib.compensation import CompensationOptions, compensate
-from moefy.calib.routers import (centroid_router, expert_activation_mass, expert_output_norms, ridge_router,
+from moefy.transforms.compensation import CompensationOptions, compensate
+from moefy.transforms.routers import (centroid_router, expert_activation_mass, expert_output_norms, ridge_router,
                                  routing_diagnostics, scale_to_temperature, top_k_mask)
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, activations

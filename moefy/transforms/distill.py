@@ -1,7 +1,7 @@
 """`distill`: recover a carved / sliced / upcycled MoE by distilling it into its dense source.
 
 Two stages, either or both: layer-local (below), then optionally end-to-end — KL to the dense
-model's logits on the calibration samples with the whole written model in memory (moefy.calib.end_to_end).
+model's logits on the calibration samples with the whole written model in memory (moefy.transforms.end_to_end).
 
 Runs after `carve`, `slice` or `upcycle` inside the sequential layer-by-layer pass (moefy.calib), so
 each block trains on the inputs it will really see (earlier layers already carved and distilled).
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moefy.calib.end_to_end import distill_end_to_end, improved, train_adam
+from moefy.transforms.end_to_end import distill_end_to_end, improved, train_adam
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer
 from moefy.progress import log

@@ -25,8 +25,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from moefy.calib.compensation import CompensationOptions, compensate, compensation_tokens
-from moefy.calib.routers import (expert_activation_mass, expert_output_norms, ridge_router, routing_diagnostics,
+from moefy.transforms.compensation import CompensationOptions, compensate, compensation_tokens
+from moefy.transforms.routers import (expert_activation_mass, expert_output_norms, ridge_router, routing_diagnostics,
                                  scale_to_temperature, top_k_mask)
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer, activations

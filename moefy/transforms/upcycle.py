@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from pydantic import Field, ValidationError
 
-from moefy.calib.routers import unit_rows
+from moefy.transforms.routers import unit_rows
 from moefy.errors import BadInput
 from moefy.io.checkpoint import open_source
 from moefy.io.yaml_file import load_yaml
