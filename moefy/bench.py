@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from moefy.convert import TORCH_DTYPES
 from moefy.errors import BadInput
 from moefy.io.checkpoint import open_source
 from moefy.progress import log, progress
@@ -114,8 +115,8 @@ def bench(model_spec: str, *, baseline: str | None, prompt_tokens: int = 512, ne
                                ("--batch", batch, 1), ("--rounds", rounds, 1)):
         if value < least:
             raise BadInput(f"{name} {value} must be at least {least}.")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise BadInput(f"--dtype {dtype!r} is unknown; use float32, bfloat16 or float16.")
+    if dtype not in TORCH_DTYPES:
+        raise BadInput(f"--dtype {dtype!r} is unknown; use {', '.join(TORCH_DTYPES)}.")
     threads = threads or usable_cores()
     if threads < 1:
         raise BadInput(f"--threads {threads} must be at least 1.")
@@ -126,7 +127,7 @@ def bench(model_spec: str, *, baseline: str | None, prompt_tokens: int = 512, ne
     models, runs = {}, {}
     for role, spec in specs.items():
         log(f"loading {role} {spec}")
-        model = load_model(spec, dtype=getattr(torch, dtype), backend=backend, device=device)
+        model = load_model(spec, dtype=TORCH_DTYPES[dtype], backend=backend, device=device)
         models[role] = model
         runs[role] = {"path": str(spec), "decode_weight_bytes": decode_weight_bytes(model, spec),
                       "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),

@@ -247,12 +247,12 @@ def _write_model(ckpt: Checkpoint, info: SourceInfo, transforms, fmt, directory:
     """Weights, config, side files and format files of one output; returns per-layer stats. With `reference`,
     the same blocks are also written there in the native format in fp32 (exact), in the same pass."""
     torch.manual_seed(seed)
-    targets = [(fmt, directory, TORCH_DTYPES[dtype])]
+    targets = [(fmt, directory, dtype)]
     if reference is not None:
-        targets.append((FORMATS["native"], reference, torch.float32))
+        targets.append((FORMATS["native"], reference, "float32"))
     blocks, layer_stats = _write_weights(ckpt, info, transforms, targets, shard_bytes, calibration)
     for target_fmt, target_dir, target_dtype in targets:
-        config = target_fmt.config(info, blocks, str(target_dtype).removeprefix("torch."))
+        config = target_fmt.config(info, blocks, target_dtype)
         (target_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for side in ckpt.side_files:
             shutil.copyfile(side, target_dir / side.name)
@@ -298,7 +298,7 @@ def write_record(directory: Path, record: dict) -> None:
 def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, targets: list, shard_bytes: int,
                    calibration: Calibration | None) -> tuple[dict[int, dict], dict[str, dict]]:
     """Every source tensor once; a layer's MLP weights are held until the layer is complete, then transformed
-    and written to each of `targets` ((format, directory, dtype): the output, and an exact reference when the
+    and written to each of `targets` ((format, directory, dtype name): the output, and an exact reference when the
     output's format is not exact). Weight-only pipelines read the checkpoint in on-disk order (one sequential
     pass, which also hashes it); calibrating ones read the MLPs in layer order, as the layer-by-layer forward needs."""
     adapter = info.adapter
@@ -323,7 +323,7 @@ def _write_weights(ckpt: Checkpoint, info: SourceInfo, transforms, targets: list
     pending: dict[int, dict[str, torch.Tensor]] = {}
     blocks, stats = {}, {}
     with contextlib.ExitStack() as stack:
-        writers = [(fmt, stack.enter_context(ShardedWriter(directory, shard_bytes)), dtype)
+        writers = [(fmt, stack.enter_context(ShardedWriter(directory, shard_bytes)), TORCH_DTYPES[dtype])
                    for fmt, directory, dtype in targets]
         advance = stack.enter_context(progress("convert layers", num_layers))
         for name, tensor in reads:
