@@ -165,7 +165,7 @@ def test_distill_trains_what_the_format_says_routes(tiny, tmp_path, toy_recipe, 
     model = moefy.load(out)
     named = {id(p): n for n, p in model.named_parameters()}
     routing = {named[id(p)].split(".mlp.")[1] for p in _trainable(model, "router")}
-    # qwen2_moe: its router and the shared expert's gate (written, zero-wide, even without a shared expert)
+    # qwen2_moe: its router and the shared expert's gate (written even without a shared expert: an all-zero one)
     assert routing == ({"router.weight", "expert_scales"} if fmt == "native" else
                        {"gate.weight", "shared_expert_gate.weight"})
     assert all(p.requires_grad == (named[id(p)].split(".mlp.")[-1] in routing and ".mlp." in named[id(p)])

@@ -77,6 +77,12 @@ def dense_tensors(prefix: str, mlp: DenseMLP, names: tuple[str | None, str, str]
     return tensors
 
 
+# A format whose blocks always have a shared expert holds a MoE without one as an all-zero shared expert this
+# wide (output exactly 0): zero-width tensors load in transformers but engines that build the shared expert
+# only when it has a width (vLLM) refuse them; 8 divides any tensor-parallel split
+EMPTY_SHARED_WIDTH = 8
+
+
 class StandardMoeFormat(ExportFormat):
     """A transformers MoE class with softmax top-k routing and optional sigmoid-gated shared expert."""
 
@@ -197,12 +203,12 @@ class StandardMoeFormat(ExportFormat):
             tensors.update(dense_tensors(f"{prefix}.experts.{e}", expert, self.expert_names))
         if self.has_shared:
             hidden = block.mlp.up.shape[1]
-            shared = block.shared or DenseMLP(torch.zeros(0, hidden), torch.zeros(0, hidden), torch.zeros(hidden, 0),
-                                              block.mlp.activation)
+            shared = block.shared or DenseMLP(*(torch.zeros(n, hidden) for n in (EMPTY_SHARED_WIDTH,) * 2),
+                                              torch.zeros(hidden, EMPTY_SHARED_WIDTH), block.mlp.activation)
             # sigmoid(0) = 1/2 on a zero gate: double down_proj so the shared expert counts once.
             doubled = dataclasses.replace(shared, down=shared.down * 2)
             tensors.update(dense_tensors(f"{prefix}.shared_expert", doubled, ("gate_proj", "up_proj", "down_proj")))
-            tensors[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, shared.up.shape[1])
+            tensors[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, hidden)
         return tensors
 
     def config(self, source: SourceInfo, blocks: dict[int, dict], dtype: str) -> dict:

@@ -1,6 +1,6 @@
 import torch
 
-from moefy.export.base import StandardMoeFormat, head_dim
+from moefy.export.base import EMPTY_SHARED_WIDTH, StandardMoeFormat, head_dim
 from moefy_kernels import cpu_decode
 
 
@@ -46,5 +46,5 @@ class Qwen2MoeFormat(StandardMoeFormat):
                 block.shared_expert_gate.weight)
 
     def _extra_config(self, source, blocks):
-        shared = next(iter(blocks.values()))["shared_width"]
+        shared = next(iter(blocks.values()))["shared_width"] or EMPTY_SHARED_WIDTH
         return {**super()._extra_config(source, blocks), "qkv_bias": True, "shared_expert_intermediate_size": shared}
