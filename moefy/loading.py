@@ -128,7 +128,7 @@ def _store_for_decode(model, backend: str) -> None:
     one matmul). On the torch backend a native shared expert is stored as rows too ([I_s, H] in memory: the
     kernel reads it in the routed experts' call), and a standard format may install its own faster decode
     (`ExportFormat.fast_decode`). One block at a time."""
-    for _, block in moe_blocks(model):
+    for name, block in moe_blocks(model):
         if isinstance(block, MoeBlock):
             if block.experts.uniform:  # unequal widths: no stacked view, the dense path only
                 top_k = block.top_k if block.router is not None else len(block.experts.widths)
@@ -140,7 +140,7 @@ def _store_for_decode(model, backend: str) -> None:
             w2 = block.experts.down_proj
             w2.data = decode_layout(w2.data, model.config.num_experts_per_tok)
             if backend == "torch":
-                format_of(block).fast_decode(block, model.config)
+                format_of(block).fast_decode(block, model.config, model.get_submodule(name.rpartition(".")[0]))
 
 
 def load_tokenizer(spec):

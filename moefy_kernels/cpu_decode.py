@@ -187,3 +187,9 @@ def swiglu_experts(x, weights, chosen, w13, w2, shared=None) -> torch.Tensor:
     or None) adds an always-on expert, scaled by sigmoid(gate · x) where it has a gate, in the same call."""
     sg, su, s2, gate = (NONE, NONE, NONE, None) if shared is None else shared
     return kernel().swiglu_experts(x, w13, w2, chosen, weights, sg, su, s2, NONE if gate is None else gate)
+
+
+def shared_expert(x, shared) -> torch.Tensor:
+    """`shared` (as in `swiglu_experts`) alone on x [T, H]: a dense SwiGLU MLP read as rows, no routed experts."""
+    none = torch.empty(0, 0, 0)
+    return swiglu_experts(x, torch.empty(x.shape[0], 0), torch.empty(0, dtype=torch.long), none, none, shared)

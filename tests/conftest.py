@@ -27,8 +27,8 @@ FAMILY_CONFIGS = {
     "gpt2": dict(n_inner=128),  # Conv1D weights, non-gated GELU MLP with biases, learned positions
     "gpt_neox": {},  # parallel attention + MLP, non-gated with biases, partial rotary
 }
-STANDARD_FORMATS = {"llama": ("mixtral", "qwen2_moe"), "mistral": ("mixtral",), "qwen2": ("qwen2_moe",),
-                    "qwen3": ("qwen3_moe",)}
+STANDARD_FORMATS = {"llama": ("mixtral", "granitemoeshared", "qwen2_moe"), "mistral": ("mixtral",),
+                    "qwen2": ("qwen2_moe",), "qwen3": ("qwen3_moe",)}
 
 
 def char_tokenizer():

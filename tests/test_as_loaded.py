@@ -28,7 +28,8 @@ REAL_DEFAULTS = {
 }
 ALL_FAMILIES = {**{f: {} for f in ("llama", "mistral", "qwen2", "qwen3")}, **FAMILY_CONFIGS}
 # the formats each family may be written in by these exact recipes
-FORMATS_OF = {"llama": ("native", "mixtral", "qwen2_moe"), "mistral": ("native", "mixtral"),
+FORMATS_OF = {"llama": ("native", "mixtral", "granitemoeshared", "qwen2_moe"),
+              "mistral": ("native", "mixtral", "granitemoeshared"),
               "qwen2": ("native", "qwen2_moe"), "qwen3": ("native", "qwen3_moe"), "granite": ("native", "granitemoe")}
 CASES = [(family, tied, recipe, fmt) for family in sorted(ALL_FAMILIES) for tied in (True, False)
          for recipe in ("mlpmoe", "upcycle-8x2") for fmt in FORMATS_OF.get(family, ("native",))]

@@ -54,6 +54,7 @@ def test_layer_inputs_match_the_dense_model(tiny, text_file, family):
 
 
 @pytest.mark.parametrize("family,fmt", [("llama", "native"), ("llama", "mixtral"), ("llama", "qwen2_moe"),
+                                        ("llama", "granitemoeshared"),
                                         ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe"), ("mistral", "mixtral")])
 def test_carve_at_full_activation_is_exact(tiny, text_file, tmp_path, family, fmt):
     path = tiny(family)
@@ -86,7 +87,7 @@ def test_partial_carve_records_diagnostics_and_compensation_helps(tiny, text_fil
         assert layer["rel_error_final"] < layer["rel_error"]
         assert 0 <= layer["router_recall"] <= 1 and layer["expert_load_max_over_mean"] >= 1
     assert comp["format"]["name"] == "native" and "output bias" in comp["format"]["reason"]
-    assert plain["format"]["name"] == "qwen2_moe"  # shared + renormalised flat weights: exact standard format
+    assert plain["format"]["name"] == "granitemoeshared"  # shared + renormalised flat weights: exact standard
     ids = random_ids()
     carved, dense = logits(moefy.load(tmp_path / "b"), ids), logits(load_dense(path), ids)
     assert (carved - dense).abs().max() > 1e-4  # 3/8 active really drops something

@@ -32,7 +32,7 @@ def test_distill_lowers_every_layers_loss_and_records_it(tiny, tmp_path, text_fi
         d = stats["distill"]
         assert d["kept"] and d["holdout_loss_after"] < 0.95 * d["holdout_loss_before"]
         assert d["steps"] == 16384 // 2 // 512 and d["tokens"] == d["steps"] * 512  # the budget, split over 2 layers
-    assert record["format"]["name"] == "qwen2_moe"  # no new tensors: still exact in the standard format
+    assert record["format"]["name"] == "granitemoeshared"  # no new tensors: still exact in the standard format
 
 
 def test_distill_is_deterministic(tiny, tmp_path, text_file):
@@ -99,7 +99,7 @@ E2E = "{end_to_end: {budget: {tokens: 1024}, lr: 1e-3}}"
 
 
 @pytest.mark.parametrize("family,carve,fmt", [
-    ("llama", "{experts: 8, shared: 1, top_k: 2}", "qwen2_moe"),
+    ("llama", "{experts: 8, shared: 1, top_k: 2}", "granitemoeshared"),
     ("llama", "{experts: 128, shared: 16, top_k: 24}", "native"),  # 2-wide experts, as carve-50-distill's
     ("gpt2", "{experts: 8, shared: 1, top_k: 2}", "native"),
 ])

@@ -12,8 +12,8 @@ from tests.conftest import (FAMILIES, STANDARD_FORMATS, assert_matches_dense, lo
 
 CASES = [(family, fmt) for family in FAMILIES for fmt in ("auto", "native", *STANDARD_FORMATS[family])]
 AUTO_CHOICE = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
-ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-        "native": "MoefyForCausalLM"}
+ARCH = {"mixtral": "MixtralForCausalLM", "granitemoeshared": "GraniteMoeSharedForCausalLM",
+        "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "native": "MoefyForCausalLM"}
 
 
 @pytest.mark.parametrize("family,fmt", CASES)

@@ -48,7 +48,7 @@ def test_upcycle_is_exact_at_init(tiny, text_file, tmp_path, family, options):
     code, _, stderr = _upcycle(path, tmp_path / "out", options, "--calib", text_file)
     assert code == 0, stderr
     record = read_json(tmp_path / "out" / "moefy.json")
-    expected = {"llama": "qwen2_moe" if "shared" in options else "mixtral", "qwen2": "qwen2_moe"}[family]
+    expected = {"llama": "granitemoeshared" if "shared" in options else "mixtral", "qwen2": "qwen2_moe"}[family]
     assert record["format"]["name"] == expected and record["format"]["exact"]
     assert all(layer["exact_at_init"] for layer in record["layers"].values())
     assert_matches_dense(tmp_path / "out", path)

@@ -14,14 +14,10 @@ ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytor
 
 @dataclass(frozen=True)
 class ArchAdapter:
-    """State-dict layout of one model family's MLPs and the standard MoE formats that can hold it.
-
-    `exports` lists standard MoE formats in preference order; each still checks the concrete
-    config (biases, head_dim, ...) before it is chosen.
-    """
+    """State-dict layout of one model family's MLPs. (Which standard MoE formats can hold the family is each
+    format's own `families`.)"""
 
     model_type: str
-    exports: tuple[str, ...] = ()
     layers_prefix: str = "model.layers"
     mlp_attr: str = "mlp"
     gate: str | None = "gate_proj"

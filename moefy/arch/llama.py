@@ -1,3 +1,3 @@
 from moefy.arch.base import ArchAdapter
 
-ADAPTER = ArchAdapter("llama", exports=("mixtral", "qwen2_moe"), bias="mlp_bias")
+ADAPTER = ArchAdapter("llama", bias="mlp_bias")

@@ -1,3 +1,3 @@
 from moefy.arch.base import ArchAdapter
 
-ADAPTER = ArchAdapter("mistral", exports=("mixtral", "qwen2_moe"))
+ADAPTER = ArchAdapter("mistral")

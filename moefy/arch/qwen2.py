@@ -1,3 +1,3 @@
 from moefy.arch.base import ArchAdapter
 
-ADAPTER = ArchAdapter("qwen2", exports=("qwen2_moe",))
+ADAPTER = ArchAdapter("qwen2")

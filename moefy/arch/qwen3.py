@@ -1,3 +1,3 @@
 from moefy.arch.base import ArchAdapter
 
-ADAPTER = ArchAdapter("qwen3", exports=("qwen3_moe",))
+ADAPTER = ArchAdapter("qwen3")

@@ -13,9 +13,10 @@ from moefy.export.qwen2_moe import Qwen2MoeFormat
 from moefy.export.qwen3_moe import Qwen3MoeFormat
 from moefy.plan import LayerPlan, SourceInfo
 
-FORMATS: dict[str, ExportFormat] = {f.name: f for f in (MixtralFormat(), Qwen2MoeFormat(), Qwen3MoeFormat(),
-                                                         GraniteMoeFormat(), GraniteMoeSharedFormat(),
-                                                         NativeFormat())}
+# in `--format auto`'s order of preference: formats exact in more engines first (GraniteMoeShared before
+# Qwen2-MoE, whose gated shared expert and ignored norm_topk_prob llama.cpp does not reproduce: docs/FORMATS)
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (MixtralFormat(), GraniteMoeFormat(), GraniteMoeSharedFormat(),
+                                                         Qwen2MoeFormat(), Qwen3MoeFormat(), NativeFormat())}
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,13 @@ class FormatChoice:
 
 
 def choose_format(name: str, source: SourceInfo, plan: LayerPlan, allow_inexact: bool) -> FormatChoice:
-    """`auto`: the family's first standard format that holds the model exactly, else native."""
+    """`auto`: the first standard format (registry order) for the family that holds the model exactly, else
+    native."""
     if name == "auto":
         reasons = []
-        for candidate in source.adapter.exports:
-            fmt = FORMATS[candidate]
+        for fmt in FORMATS.values():
+            if source.adapter.model_type not in fmt.families:
+                continue
             reason = fmt.unsupported(source, plan) or fmt.inexact(plan)
             if reason is None:
                 skipped = "".join(f" (skipped: {r})" for r in reasons)

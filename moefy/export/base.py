@@ -38,10 +38,11 @@ class ExportFormat:
     summary: ClassVar[str]
     model_type: ClassVar[str]  # config.json `model_type` of checkpoints in this format
     block_class: ClassVar[str | None] = None  # the class name of its MoE block once transformers loads it
+    families: ClassVar[tuple[str, ...]] = ()  # the dense families `--format auto` considers it for
 
-    def fast_decode(self, block, config) -> None:
-        """Let a loaded MoE block of this format decode faster on CPU, computing the same function. Nothing by
-        default (native blocks decode through `moe_forward`, which fuses on its own)."""
+    def fast_decode(self, block, config, layer) -> None:
+        """Let a loaded MoE block of this format (in decoder `layer`) decode faster on CPU, computing the same
+        function. Nothing by default (native blocks decode through `moe_forward`, which fuses on its own)."""
 
     def unsupported(self, source: SourceInfo, plan: LayerPlan) -> str | None:
         """Why this format cannot hold the model at all (None when it can)."""
@@ -91,7 +92,6 @@ class StandardMoeFormat(ExportFormat):
     expert_names: ClassVar[tuple[str, str, str]]  # (gate, up, down) inside experts.{e} (per-expert layouts)
     num_experts_key: ClassVar[str]
     width_key: ClassVar[str]
-    families: ClassVar[tuple[str, ...]]
     has_shared: ClassVar[bool] = False
     shared_width_key: ClassVar[str] = "shared_expert_intermediate_size"
     can_skip_layers: ClassVar[bool] = False  # has `mlp_only_layers`
@@ -104,7 +104,7 @@ class StandardMoeFormat(ExportFormat):
         """The block's submodules that decide or weight the routing (what `distill train: router` trains)."""
         return (cls.router_attr, *cls.extra_routing)
 
-    def fast_decode(self, block, config) -> None:
+    def fast_decode(self, block, config, layer) -> None:
         """At decode, the block's own router (tokens are routed exactly as in prefill), then its experts — and
         its shared expert — in one call of the fused CPU kernel: transformers' block spends as long in its
         small ops and module calls as in the bytes it reads. Installed only where the kernel holds the

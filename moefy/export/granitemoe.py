@@ -1,6 +1,11 @@
+import types
+
 import torch
 
-from moefy.export.base import StandardMoeFormat
+from moefy.arch.base import ACTIVATION_NAMES
+from moefy.export.base import StandardMoeFormat, head_dim
+from moefy_kernels import cpu_decode
+from moefy_kernels.torch_ops import GATHER_MAX_TOKENS
 
 
 class GraniteMoeFormat(StandardMoeFormat):
@@ -19,6 +24,19 @@ class GraniteMoeFormat(StandardMoeFormat):
     width_key = "intermediate_size"
     families = ("granite",)
 
+    def _attention_unsupported(self, config):
+        if config.get("sliding_window"):
+            return f"{self.name} has no sliding-window attention; this model has it: use mixtral or native"
+        return super()._attention_unsupported(config)
+
+    def _extra_config(self, source, blocks):
+        """Granite's multipliers for a source without them (Llama/Mistral): each 1 — an exact identity in
+        floating point — and the attention scale Llama computes, head_dim^-0.5."""
+        if source.adapter.model_type == "granite":
+            return {}
+        return {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
+                "attention_multiplier": head_dim(source.config) ** -0.5}
+
     def layer_tensors(self, layer, block, source):
         prefix = f"{source.adapter.layers_prefix}.{layer}"
         router, factors = self._expert_weights(block)
@@ -34,13 +52,44 @@ class GraniteMoeFormat(StandardMoeFormat):
 
 
 class GraniteMoeSharedFormat(GraniteMoeFormat):
+    """GraniteMoe plus an ungated shared expert: with Granite's multipliers at 1 it is Llama's decoder with a
+    shared + routed MoE, exact in transformers and in engines that do not reproduce Qwen2-MoE's gated shared
+    expert or its norm_topk_prob flag (llama.cpp), so Llama/Mistral carves with a shared expert take it."""
+
     name = "granitemoeshared"
     summary = "GraniteMoeSharedForCausalLM: GraniteMoe plus an always-on shared expert (plain sum)"
     model_type = "granitemoeshared"
     architecture = "GraniteMoeSharedForCausalLM"
     block_class = "GraniteMoeSharedMoE"  # the routed experts; the shared MLP is the decoder layer's
+    families = ("granite", "llama", "mistral")
     has_shared = True
     shared_width_key = "shared_intermediate_size"
 
     def _extra_config(self, source, blocks):
-        return {"shared_intermediate_size": next(iter(blocks.values()))["shared_width"]}
+        return {**super()._extra_config(source, blocks),
+                "shared_intermediate_size": next(iter(blocks.values()))["shared_width"]}
+
+    def fast_decode(self, block, config, layer) -> None:
+        """The routed block as every standard format's; the shared MLP, which is the decoder layer's (summed
+        after the block, as transformers does), on the fused kernel too, in a call of its own."""
+        super().fast_decode(block, config, layer)
+        mlp = getattr(layer, "shared_mlp", None)
+        if mlp is None or ACTIVATION_NAMES.get(config.hidden_act) != "silu" or cpu_decode.kernel() is None \
+                or mlp.input_linear.weight.device.type != "cpu":
+            return
+        mlp.output_linear.weight.data = cpu_decode.rows_layout(mlp.output_linear.weight.data)  # same values
+        if cpu_decode.shared_applies(*self.decode_shared_mlp(mlp)):
+            mlp.forward = types.MethodType(_fused_shared_forward, mlp)
+
+    @staticmethod
+    def decode_shared_mlp(mlp):
+        return cpu_decode.split_shared(mlp.input_linear.weight, mlp.output_linear.weight)
+
+
+def _fused_shared_forward(mlp, hidden_states: torch.Tensor) -> torch.Tensor:
+    """GraniteMoeShared's shared MLP: a few fp32 tokens outside autograd on the fused CPU kernel, else as is."""
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if x.shape[0] <= GATHER_MAX_TOKENS and x.dtype == torch.float32 and not (torch.is_grad_enabled() or mlp.training):
+        shared = GraniteMoeSharedFormat.decode_shared_mlp(mlp)
+        return cpu_decode.shared_expert(x, shared).view(hidden_states.shape)
+    return type(mlp).forward(mlp, hidden_states)
