@@ -111,6 +111,8 @@ def test_inspect_says_which_format_and_why(tiny, tmp_path, family, recipe, fmt, 
     assert code == 0, stderr
     export = json.loads(stdout)["export"]
     assert export["format"] == fmt and why in export["reason"] and export["exact"]
+    if fmt == "native":  # what other engines make of it is said too
+        assert "llama.cpp: no architecture" in export["engines"]
     if recipe == "upcycle-8x2":
         out = tmp_path / "out"
         assert run_cli("convert", src, "-r", recipe, "-o", out)[0] == 0

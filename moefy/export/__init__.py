@@ -14,7 +14,7 @@ from moefy.export.qwen3_moe import Qwen3MoeFormat
 from moefy.plan import LayerPlan, SourceInfo
 
 # in `--format auto`'s order of preference: formats exact in more engines first (GraniteMoeShared before
-# Qwen2-MoE, whose gated shared expert and ignored norm_topk_prob llama.cpp does not reproduce: docs/FORMATS)
+# Qwen2-MoE, whose gated shared expert and ignored norm_topk_prob llama.cpp does not reproduce: README)
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (MixtralFormat(), GraniteMoeFormat(), GraniteMoeSharedFormat(),
                                                          Qwen2MoeFormat(), Qwen3MoeFormat(), NativeFormat())}
 

@@ -39,6 +39,9 @@ class ExportFormat:
     model_type: ClassVar[str]  # config.json `model_type` of checkpoints in this format
     block_class: ClassVar[str | None] = None  # the class name of its MoE block once transformers loads it
     families: ClassVar[tuple[str, ...]] = ()  # the dense families `--format auto` considers it for
+    # what inference engines other than transformers make of this format as moefy writes it, as measured
+    # (README "Export formats and engines"); an engine not named was not checked
+    engines: ClassVar[dict[str, str]] = {}
 
     def fast_decode(self, block, config, layer) -> None:
         """Let a loaded MoE block of this format (in decoder `layer`) decode faster on CPU, computing the same

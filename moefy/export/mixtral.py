@@ -12,3 +12,5 @@ class MixtralFormat(StandardMoeFormat):
     num_experts_key = "num_local_experts"
     width_key = "intermediate_size"
     families = ("llama", "mistral")
+    engines = {"llama.cpp": "exact (mlpmoe: perplexity 22.4997 against the dense GGUF's 22.4998)",
+               "vLLM": "exact (perplexity equal, CPU build 0.32)"}

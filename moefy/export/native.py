@@ -63,6 +63,7 @@ class NativeFormat(ExportFormat):
     name = "native"
     model_type = MODEL_TYPE
     summary = "moefy MoeBlock (any widths, unit/prob/renormalised, static, shared): moefy.load or trust_remote_code"
+    engines = {"llama.cpp": "no architecture: not convertible", "vLLM": "no architecture: does not load"}
 
     def layer_tensors(self, layer, block, source):
         prefix = source.adapter.mlp_prefix(layer)

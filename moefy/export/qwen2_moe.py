@@ -19,6 +19,9 @@ class Qwen2MoeFormat(StandardMoeFormat):
     can_skip_layers = True
     renormalize_key = "norm_topk_prob"
     extra_routing = ("shared_expert_gate",)
+    engines = {"vLLM": "exact (perplexity equal, CPU build 0.32)",
+               "llama.cpp": "wrong: its qwen2moe ignores norm_topk_prob, makes the zero shared-expert gate NaN "
+                            "(sigmoid as silu(x)/x) and needs an untied output.weight"}
 
     def _attention_unsupported(self, config):
         if config.get("attention_bias"):
