@@ -228,8 +228,7 @@ def inspect(model: str = typer.Argument(..., help="Model directory (or `demo`)."
             raise BadInput(f"--recipe describes converting a dense model; {model} is already {report['format']}.")
         choice = plan_conversion(ckpt, load_recipe(recipe, set_), allow_inexact=True)[3]
         report["export"] = {"format": choice.format.name, "reason": choice.reason, "exact": choice.exact,
-                            "engines": "; ".join(f"{k}: {v}" for k, v in choice.format.engines.items())
-                            or "not checked beyond transformers"}
+                            "engines": choice.format.engine_notes() or "not checked beyond transformers"}
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
         return
@@ -422,7 +421,7 @@ def recipes():
     formats.add_column("other engines (measured; others not checked)")
     formats.add_row("auto", "the first exact standard format below for the family, else native", "")
     for name, fmt in FORMATS.items():
-        formats.add_row(name, fmt.summary, "; ".join(f"{k}: {v}" for k, v in fmt.engines.items()))
+        formats.add_row(name, fmt.summary, fmt.engine_notes())
     out.print(formats)
 
 

@@ -13,8 +13,9 @@ from moefy.export.qwen2_moe import Qwen2MoeFormat
 from moefy.export.qwen3_moe import Qwen3MoeFormat
 from moefy.plan import LayerPlan, SourceInfo
 
-# in `--format auto`'s order of preference: formats exact in more engines first (GraniteMoeShared before
-# Qwen2-MoE, whose gated shared expert and ignored norm_topk_prob llama.cpp does not reproduce: README)
+# in `--format auto`'s order of preference: formats that run in more engines first (GraniteMoeShared before
+# Qwen2-MoE, whose export llama.cpp does not load, and whose gated shared expert and norm_topk_prob it does
+# not reproduce: each format's `engines`)
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (MixtralFormat(), GraniteMoeFormat(), GraniteMoeSharedFormat(),
                                                          Qwen2MoeFormat(), Qwen3MoeFormat(), NativeFormat())}
 

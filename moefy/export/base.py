@@ -43,6 +43,10 @@ class ExportFormat:
     # (README "Export formats and engines"); an engine not named was not checked
     engines: ClassVar[dict[str, str]] = {}
 
+    def engine_notes(self) -> str:
+        """`engines` as one line, for `moefy recipes` and `moefy inspect --recipe`."""
+        return "; ".join(f"{engine}: {verdict}" for engine, verdict in self.engines.items())
+
     def fast_decode(self, block, config, layer) -> None:
         """Let a loaded MoE block of this format (in decoder `layer`) decode faster on CPU, computing the same
         function. Nothing by default (native blocks decode through `moe_forward`, which fuses on its own)."""
@@ -206,7 +210,8 @@ class StandardMoeFormat(ExportFormat):
             tensors.update(dense_tensors(f"{prefix}.experts.{e}", expert, self.expert_names))
         if self.has_shared:
             hidden = block.mlp.up.shape[1]
-            shared = block.shared or DenseMLP(*(torch.zeros(n, hidden) for n in (EMPTY_SHARED_WIDTH,) * 2),
+            shared = block.shared or DenseMLP(torch.zeros(EMPTY_SHARED_WIDTH, hidden),
+                                              torch.zeros(EMPTY_SHARED_WIDTH, hidden),
                                               torch.zeros(hidden, EMPTY_SHARED_WIDTH), block.mlp.activation)
             # sigmoid(0) = 1/2 on a zero gate: double down_proj so the shared expert counts once.
             doubled = dataclasses.replace(shared, down=shared.down * 2)
@@ -276,11 +281,16 @@ class StandardMoeFormat(ExportFormat):
         return {i: dict(spec) for i in range(config["num_hidden_layers"]) if i not in dense}
 
 
+def decodes_fused(x: torch.Tensor, module: torch.nn.Module) -> bool:
+    """Whether an installed fast decode takes this call: a few tokens [T, H], outside autograd and training."""
+    return x.shape[0] <= GATHER_MAX_TOKENS and not (torch.is_grad_enabled() or module.training)
+
+
 def _fused_decode_forward(block, hidden_states: torch.Tensor) -> torch.Tensor:
     """A standard MoE block's forward (`StandardMoeFormat.fast_decode`): a few tokens outside autograd on the
     fused CPU kernel; anything else as transformers runs it."""
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    if x.shape[0] <= GATHER_MAX_TOKENS and not (torch.is_grad_enabled() or block.training):
+    if decodes_fused(x, block):
         fmt = block._moefy_format
         _, weights, index = getattr(block, fmt.router_attr)(x)
         y = fused_decode(x, weights, index, block.experts.gate_up_proj, block.experts.down_proj, "silu", True, None,

@@ -3,9 +3,8 @@ import types
 import torch
 
 from moefy.arch.base import ACTIVATION_NAMES
-from moefy.export.base import StandardMoeFormat, head_dim
+from moefy.export.base import StandardMoeFormat, decodes_fused, head_dim
 from moefy_kernels import cpu_decode
-from moefy_kernels.torch_ops import GATHER_MAX_TOKENS
 
 
 class GraniteMoeFormat(StandardMoeFormat):
@@ -53,8 +52,9 @@ class GraniteMoeFormat(StandardMoeFormat):
 
 class GraniteMoeSharedFormat(GraniteMoeFormat):
     """GraniteMoe plus an ungated shared expert: with Granite's multipliers at 1 it is Llama's decoder with a
-    shared + routed MoE, exact in transformers and in engines that do not reproduce Qwen2-MoE's gated shared
-    expert or its norm_topk_prob flag (llama.cpp), so Llama/Mistral carves with a shared expert take it."""
+    shared + routed MoE, exact in transformers; llama.cpp, which does not load or reproduce Qwen2-MoE's
+    export (gated shared expert, norm_topk_prob), runs it (`engines`), so Llama/Mistral carves with a shared
+    expert take it."""
 
     name = "granitemoeshared"
     summary = "GraniteMoeSharedForCausalLM: GraniteMoe plus an always-on shared expert (plain sum)"
@@ -91,7 +91,7 @@ class GraniteMoeSharedFormat(GraniteMoeFormat):
 def _fused_shared_forward(mlp, hidden_states: torch.Tensor) -> torch.Tensor:
     """GraniteMoeShared's shared MLP: a few fp32 tokens outside autograd on the fused CPU kernel, else as is."""
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    if x.shape[0] <= GATHER_MAX_TOKENS and x.dtype == torch.float32 and not (torch.is_grad_enabled() or mlp.training):
+    if decodes_fused(x, mlp) and x.dtype == torch.float32:
         shared = GraniteMoeSharedFormat.decode_shared_mlp(mlp)
         return cpu_decode.shared_expert(x, shared).view(hidden_states.shape)
     return type(mlp).forward(mlp, hidden_states)
