@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -64,6 +65,17 @@ def test_kill_9_leaves_no_out_and_the_source_untouched(deep, tmp_path, point):
     assert digests(deep) == before
     assert run_cli("convert", deep, "-r", "mlpmoe", "-o", out)[0] == 0  # the next run succeeds and sweeps it up
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_out_gets_the_mode_mkdir_would_give(tiny, tmp_path):
+    """OUT is written in a private temp dir, but lands with the umask's mode, as any directory the user makes."""
+    old = os.umask(0o027)
+    try:
+        code, _, err = run_cli("convert", tiny("llama"), "-r", "mlpmoe", "-o", tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
 
 
 def test_same_inputs_give_identical_bytes(tiny, tmp_path, text_file):

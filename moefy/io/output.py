@@ -194,6 +194,7 @@ def atomic_output(out: Path, force: bool, inputs: Inputs):
                 if pid.isdigit() and not _alive(int(pid)):
                     shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_MARK}{os.getpid()}-", dir=parent))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 is for its privacy while written: OUT gets mkdir's mode
         try:
             yield tmp
             if out.exists() or out.is_symlink():
@@ -205,6 +206,19 @@ def atomic_output(out: Path, force: bool, inputs: Inputs):
                 os.replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:
