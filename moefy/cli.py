@@ -354,6 +354,25 @@ def generate(
                  threads=threads)
 
 
+@app.command("export-gguf")
+@_handled
+def export_gguf(
+    model: Path = typer.Argument(..., help="A moefy output in a format with a llama.cpp architecture "
+                                           "(mixtral, granitemoe, granitemoeshared)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The .gguf to write (default: MODEL.gguf "
+                                                                       "beside MODEL)."),
+    dtype: str = typer.Option("f32", "--dtype", help="f32|f16|bf16: the matrices' type (norms and routers stay f32)."),
+    tokenizer_from: Optional[Path] = typer.Option(None, "--tokenizer-from", help="A GGUF to carry the tokenizer from "
+                                                  "(default: the source's, when it was a .gguf or `demo`)."),
+    force: bool = typer.Option(False, "--force", help="Replace --output if it is a GGUF moefy wrote."),
+):
+    """Write MODEL as one GGUF file llama.cpp loads: its tensors under llama.cpp's names, its hyper-parameters and
+    the source GGUF's tokenizer, with no second converter."""
+    from moefy.export.to_gguf import export_gguf as write_gguf
+
+    write_gguf(model, output, dtype=dtype, tokenizer_from=tokenizer_from, force=force)
+
+
 @app.command()
 @_handled
 def batch(

@@ -2,15 +2,17 @@
 llama.cpp's protocol, and llama-bench tokens/s against the dense model, interleaved.
 
     python scripts/check_llamacpp.py DENSE MODEL [MODEL ...] [--cache ~/.cache/moefy/llamacpp] [--chunks 40]
-                                     [--threads 2] [--rounds 3] [--no-bench] [--json F]
+                                     [--threads 2] [--rounds 3] [--no-bench] [--converter] [--json F]
 
 llama.cpp is built once from the `llama-cpp-python` sdist's vendored sources (pip downloads it from the
-package index; nothing else is fetched), CPU only, into --cache; each model is converted with llama.cpp's
-own `convert_hf_to_gguf.py` (with the sdist's gguf-py; `pip install sentencepiece` first) to an f32 GGUF.
+package index; nothing else is fetched), CPU only, into --cache. Each moefy output whose format has a
+llama.cpp architecture is written to an f32 GGUF by `moefy export-gguf` (its tokenizer from the source GGUF);
+the dense model, and every model with --converter, by llama.cpp's own `convert_hf_to_gguf.py` (with the
+sdist's gguf-py; `pip install sentencepiece` first).
 Perplexity: `llama-perplexity -c 512 --chunks N` on WikiText-2 raw test, which scores the second half of
-each 512-token chunk; moefy's figure is the same protocol computed here with `moefy.load` (its tokenizer,
-fp32), and each engine's Δ against its own dense figure is free of any tokenizer difference between the
-two. Speed: `llama-bench -p 512 -n 64`, one repetition per model per round, models interleaved round by
+each 512-token chunk; moefy's figure is the same protocol computed here with `moefy.load` (fp32) on the
+same tokens (llama.cpp's own, from `llama-tokenize`: the file's bytes as they are, CRLF included), so the two
+figures differ only by what each engine computes. Speed: `llama-bench -p 512 -n 64`, one repetition per model per round, models interleaved round by
 round; medians and ratios to DENSE. moefy's native format has no llama.cpp architecture: such a model is
 reported as not convertible. Not part of CI (it compiles for minutes).
 """
@@ -50,34 +52,47 @@ def build(cache: Path, threads: int) -> Path:
         with tarfile.open(next(cache.glob("llama_cpp_python-*.tar.gz"))) as archive:
             archive.extractall(cache, filter="data")
         source = next(cache.glob("llama_cpp_python-*/vendor/llama.cpp"))
-    if not (source / "build" / "bin" / "llama-bench").exists():
+    if not (source / "build" / "CMakeCache.txt").exists():
         _run(["cmake", "-S", source, "-B", source / "build", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
               "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"])
-        _run(["cmake", "--build", source / "build", "--target", "llama-perplexity", "llama-bench", "-j", threads])
+    if not (source / "build" / "bin" / "llama-tokenize").exists():
+        _run(["cmake", "--build", source / "build", "--target", "llama-perplexity", "llama-bench", "llama-tokenize",
+              "-j", threads])
     return source
 
 
-def convert(source: Path, model: Path, out: Path) -> str | None:
-    """The model as an f32 GGUF at `out`; None, or why not."""
-    if json.loads((model / "config.json").read_text()).get("model_type") == "moefy":
-        return "moefy's native format has no llama.cpp architecture"
-    if not out.exists():
-        env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+def convert(source: Path, model: Path, out: Path, converter: bool) -> tuple[str, str | None]:
+    """The model as an f32 GGUF at `out`, written afresh: (the writer, None or why it could not be written)."""
+    from moefy.export import FORMATS
+    from moefy.io.output import is_moefy_output
+
+    fmt = json.loads((model / "moefy.json").read_text())["format"]["name"] if is_moefy_output(model) else None
+    if fmt is not None and FORMATS[fmt].gguf_arch is None:
+        return "none", f"moefy's {fmt} format has no llama.cpp architecture"
+    out.unlink(missing_ok=True)
+    if fmt is not None and not converter:
         try:
-            _run([sys.executable, source / "convert_hf_to_gguf.py", model, "--outtype", "f32", "--outfile", out],
-                 env=env)
+            _run([sys.executable, "-m", "moefy", "export-gguf", model, "-o", out])
         except subprocess.CalledProcessError as exc:
-            return f"convert_hf_to_gguf.py failed: {exc.stderr.strip().splitlines()[-1]}"
-    return None
+            return "moefy export-gguf", f"moefy export-gguf failed: {exc.stderr.strip().splitlines()[-1]}"
+        return "moefy export-gguf", None
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+    try:
+        _run([sys.executable, source / "convert_hf_to_gguf.py", model, "--outtype", "f32", "--outfile", out], env=env)
+    except subprocess.CalledProcessError as exc:
+        return "convert_hf_to_gguf.py", f"convert_hf_to_gguf.py failed: {exc.stderr.strip().splitlines()[-1]}"
+    return "convert_hf_to_gguf.py", None
 
 
-def _adds_bos(source: Path, gguf: Path) -> bool:
-    """Whether llama.cpp puts BOS first in each chunk (the GGUF's tokenizer.ggml.add_bos_token)."""
-    sys.path.insert(0, str(source / "gguf-py"))
+def _bos(gguf: Path) -> int | None:
+    """The BOS id llama.cpp puts first in each chunk, or None where the GGUF does not add one."""
     from gguf import GGUFReader
 
-    field = GGUFReader(gguf).fields.get("tokenizer.ggml.add_bos_token")
-    return bool(field is not None and field.parts[field.data[0]][0])
+    fields = GGUFReader(gguf).fields
+    adds = fields.get("tokenizer.ggml.add_bos_token")
+    if adds is None or not adds.contents():
+        return None
+    return int(fields["tokenizer.ggml.bos_token_id"].contents())
 
 
 def llamacpp_ppl(source: Path, gguf: Path, chunks: int, threads: int) -> float | str:
@@ -91,24 +106,27 @@ def llamacpp_ppl(source: Path, gguf: Path, chunks: int, threads: int) -> float |
     return float(found.group(1)) if found else "no final estimate"
 
 
-def moefy_ppl(model: Path, chunks: int, add_bos: bool) -> float:
-    """llama-perplexity's protocol with moefy.load: the whole text tokenized once, chunk i = tokens
-    [i·512, (i+1)·512) (its first token replaced by BOS where the vocabulary adds one), and only the second half
-    of each chunk scored (255 predictions)."""
-    import moefy
-    from moefy.loading import load_tokenizer
+def llamacpp_tokens(source: Path, gguf: Path) -> list[int]:
+    """The text as llama-perplexity tokenizes it: its bytes as they are (WikiText-2 raw ships CRLF, which
+    `moefy eval` reads as universal newlines), no special-token parsing, no BOS."""
+    done = _run([source / "build" / "bin" / "llama-tokenize", "-m", gguf, "-f", WIKITEXT, "--ids", "--no-bos",
+                 "--no-parse-special", "--no-escape", "--log-disable"])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
-    tokenizer = load_tokenizer(str(model))
-    ids = tokenizer(WIKITEXT.read_text(), add_special_tokens=False)["input_ids"]
-    if add_bos:
-        ids = [tokenizer.bos_token_id, *ids]
+
+def moefy_ppl(model: Path, chunks: int, ids: list[int], bos: int | None) -> float:
+    """llama-perplexity's protocol with moefy.load, on llama.cpp's own tokens (`llamacpp_tokens`): chunk i =
+    tokens [i·512, (i+1)·512) (its first token replaced by BOS where the vocabulary adds one), and only the
+    second half of each chunk scored (255 predictions)."""
+    import moefy
+
     lm = moefy.load(model, backend="torch")
     nll, count, first = 0.0, 0, CTX // 2
     with torch.inference_mode():
         for i in range(chunks):
             chunk = torch.tensor(ids[i * CTX:(i + 1) * CTX])[None]
-            if add_bos:
-                chunk[0, 0] = tokenizer.bos_token_id
+            if bos is not None:
+                chunk[0, 0] = bos
             logits = lm(input_ids=chunk).logits[0].float()
             logp = logits[first:CTX - 1].log_softmax(-1)
             nll -= float(logp.gather(1, chunk[0, first + 1:, None]).sum())
@@ -137,6 +155,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-bench", action="store_true", help="perplexities only (they need no quiet machine)")
+    parser.add_argument("--converter", action="store_true",
+                        help="write every GGUF with llama.cpp's convert_hf_to_gguf.py, not moefy export-gguf")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,11 +165,11 @@ def main() -> None:
     for model in [args.dense, *args.models]:
         gguf = args.cache / "gguf" / f"{model.resolve().name}.gguf"
         gguf.parent.mkdir(exist_ok=True)
-        why = convert(source, model, gguf)
-        row = {"model": str(model), "gguf": None if why else str(gguf), "not_convertible": why}
+        writer, why = convert(source, model, gguf, args.converter)
+        row = {"model": str(model), "writer": writer, "gguf": None if why else str(gguf), "not_convertible": why}
         if why is None:
             row.update(llamacpp_ppl=llamacpp_ppl(source, gguf, args.chunks, args.threads),
-                       moefy_ppl=moefy_ppl(model, args.chunks, _adds_bos(source, gguf)))
+                       moefy_ppl=moefy_ppl(model, args.chunks, llamacpp_tokens(source, gguf), _bos(gguf)))
             if isinstance(row["llamacpp_ppl"], float):
                 row["relative_gap"] = row["llamacpp_ppl"] / row["moefy_ppl"] - 1
                 ggufs.append(gguf)

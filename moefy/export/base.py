@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -42,10 +42,19 @@ class ExportFormat:
     # what inference engines other than transformers make of this format as moefy writes it, as measured
     # (README "Export formats and engines"); an engine not named was not checked
     engines: ClassVar[dict[str, str]] = {}
+    gguf_arch: ClassVar[str | None] = None  # llama.cpp's architecture `moefy export-gguf` writes (None: none)
 
     def engine_notes(self) -> str:
         """`engines` as one line, for `moefy recipes` and `moefy inspect --recipe`."""
         return "; ".join(f"{engine}: {verdict}" for engine, verdict in self.engines.items())
+
+    def gguf_layer(self, checkpoint, layer: str, config: dict) -> dict[str, tuple[tuple[int, ...], Callable]]:
+        """The MoE tensors of decoder layer `layer` (its name prefix) of a checkpoint written in this format,
+        under llama.cpp's names without `blk.N.` and `.weight`: {name: (shape, read() → tensor)}."""
+        raise NotImplementedError
+
+    def gguf_metadata(self, writer, config: dict) -> None:
+        """The llama.cpp keys of `gguf_arch` beyond the Llama family's and the expert counts."""
 
     def fast_decode(self, block, config, layer) -> None:
         """Let a loaded MoE block of this format (in decoder `layer`) decode faster on CPU, computing the same

@@ -22,6 +22,36 @@ class GraniteMoeFormat(StandardMoeFormat):
     num_experts_key = "num_local_experts"
     width_key = "intermediate_size"
     families = ("granite",)
+    gguf_arch = "granitemoe"  # llama.cpp's GraniteMoe graph holds GraniteMoeShared too
+
+    def gguf_layer(self, checkpoint, layer, config):
+        """[gate; up] split in two, as llama.cpp reads gate and up separately; the shared MLP's likewise."""
+
+        def read(name: str, half: int | None = None):
+            shape = checkpoint.shape(name)
+            if half is None:
+                return shape, lambda: checkpoint.get(name)
+            rows = shape[-2] // 2
+            return (*shape[:-2], rows, shape[-1]), lambda: checkpoint.get(name).narrow(-2, half * rows, rows)
+
+        moe, shared = f"{layer}.block_sparse_moe", f"{layer}.shared_mlp"
+        tensors = {"ffn_gate_inp": read(f"{moe}.router.layer.weight"),
+                   "ffn_gate_exps": read(f"{moe}.input_linear.weight", 0),
+                   "ffn_up_exps": read(f"{moe}.input_linear.weight", 1),
+                   "ffn_down_exps": read(f"{moe}.output_linear.weight")}
+        if config.get("shared_intermediate_size"):
+            tensors.update({"ffn_gate_shexp": read(f"{shared}.input_linear.weight", 0),
+                            "ffn_up_shexp": read(f"{shared}.input_linear.weight", 1),
+                            "ffn_down_shexp": read(f"{shared}.output_linear.weight")})
+        return tensors
+
+    def gguf_metadata(self, writer, config):
+        writer.add_attention_scale(config["attention_multiplier"])
+        writer.add_embedding_scale(config["embedding_multiplier"])
+        writer.add_residual_scale(config["residual_multiplier"])
+        writer.add_logit_scale(config["logits_scaling"])
+        if config.get("shared_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(config["shared_intermediate_size"])
 
     def _attention_unsupported(self, config):
         if config.get("sliding_window"):
