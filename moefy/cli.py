@@ -438,9 +438,10 @@ def recipes():
     formats.add_column("name")
     formats.add_column("what")
     formats.add_column("other engines (measured; others not checked)")
-    formats.add_row("auto", "the first exact standard format below for the family, else native", "")
+    formats.add_column("`export-gguf` as")
+    formats.add_row("auto", "the first exact standard format below for the family, else native", "", "")
     for name, fmt in FORMATS.items():
-        formats.add_row(name, fmt.summary, fmt.engine_notes())
+        formats.add_row(name, fmt.summary, fmt.engine_notes(), fmt.gguf_arch or "—")
     out.print(formats)
 
 
