@@ -11,10 +11,11 @@ the dense model, and every model with --converter, by llama.cpp's own `convert_h
 sdist's gguf-py; `pip install sentencepiece` first).
 Perplexity: `llama-perplexity -c 512 --chunks N` on WikiText-2 raw test, which scores the second half of
 each 512-token chunk; moefy's figure is the same protocol computed here with `moefy.load` (fp32) on the
-same tokens (llama.cpp's own, from `llama-tokenize`: the file's bytes as they are, CRLF included), so the two
-figures differ only by what each engine computes. Speed: `llama-bench -p 512 -n 64`, one repetition per model per round, models interleaved round by
-round; medians and ratios to DENSE. moefy's native format has no llama.cpp architecture: such a model is
-reported as not convertible. Not part of CI (it compiles for minutes).
+same tokens (llama.cpp's own, from `llama-tokenize`: the file's bytes as they are, CRLF included), so the
+two figures differ only by what each engine computes. Speed: `llama-bench -p 512 -n 64`, one repetition per
+model per round, models interleaved round by round; medians and ratios to DENSE. moefy's native format has
+no llama.cpp architecture: such a model is reported as not convertible. Not part of CI (it compiles for
+minutes).
 """
 
 from __future__ import annotations
