@@ -120,10 +120,16 @@ def convert(
                                          help="Do not load OUT as a user will and compare its logits with the "
                                               "source's before publishing it."),
 ):
-    """Convert SOURCE with a recipe into an MoE checkpoint at OUT."""
+    """Convert SOURCE with a recipe into an MoE checkpoint at OUT. Under `torchrun --nproc-per-node N -m moefy
+    convert ...` the end-to-end distillation is data-parallel; rank 0 writes OUT and reports."""
+    from moefy import distributed
     from moefy.convert import convert as run_convert
     from moefy.convert import check_gates
+    from moefy.progress import set_quiet
     from moefy.recipe import load_recipe
+
+    if distributed.rank():
+        set_quiet(True)
 
     checked_device(device, ("auto", "cpu", "cuda"))
     if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
@@ -143,6 +149,8 @@ def convert(
                          allow_inexact=allow_inexact, calib=calib, device=device, eval_dataset=gate_data,
                          eval_seq_len=gates.seq_len if gate_data else None,
                          reports=(json_path,), load_check=not skip_load_check)
+    if distributed.rank():
+        return
     if dry_run:
         out.print_json(json.dumps(record))
         return

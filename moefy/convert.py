@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import moefy
+from moefy import distributed
 from moefy.arch import adapter_for, check_window
 from moefy.calib import Calibration, load_calibration, text_runner
 from moefy.errors import BadInput, CheckFailed
@@ -118,13 +119,17 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
         return {"dry_run": True, "format": choice.format.name, "format_reason": choice.reason, "plan": vars(plan),
                 "inputs": reads.as_json()}
     shard_bytes = parse_size(recipe.output.shard_size)
-    with atomic_output(out, force, reads) as tmp:
+    # under torchrun every rank converts (identically) and trains its share; only rank 0 publishes OUT
+    writing = atomic_output(out, force, reads) if distributed.rank() == 0 else _rank_scratch()
+    with writing as tmp:
         with _exact_reference(tmp, choice.exact) as reference:
             layer_stats = _write_model(ckpt, info, transforms, choice.format, tmp, out_dtype, shard_bytes, seed,
                                        calibration, reference)
             gap = None if reference is None else _measure_gap(info, tmp, reference, seed)
         finalized = {t.name: stats for t in transforms
                      if (stats := t.finalize(tmp, ckpt, calibration, out_dtype, recipe.output.shard_size))}
+        if distributed.rank():  # its share of the training done; rank 0 checks and publishes OUT
+            return {"rank": distributed.rank(), "finalize": finalized or None}
         record = {
             "moefy_version": moefy.__version__,
             "recipe": recipe.model_dump(mode="json"),
@@ -150,6 +155,13 @@ def convert(source: str, recipe: Recipe, out: Path, *, fmt: str | None = None, d
         write_record(tmp, record)
     log(f"wrote {out} in {record['timing']['convert_seconds']:.1f}s")
     return record
+
+
+@contextlib.contextmanager
+def _rank_scratch():
+    """Where a rank other than 0 writes its copy of the conversion: a private temp dir, removed after."""
+    with tempfile.TemporaryDirectory(prefix=f"moefy-rank{distributed.rank()}-") as scratch:
+        yield Path(scratch)
 
 
 def planned_bytes(ckpt: Checkpoint, info: SourceInfo, plan: LayerPlan, dtype: str) -> tuple[int, int]:

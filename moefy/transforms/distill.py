@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moefy.transforms.end_to_end import distill_end_to_end, improved, train_adam
+from moefy import distributed
 from moefy.errors import BadInput
 from moefy.moe.layer import DenseMLP, MoeLayer
 from moefy.progress import log
@@ -61,6 +62,7 @@ class EndToEnd(BaseModel):
     checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, one more forward per step")
     holdout_samples: int = Field(8, ge=1, description="calibration samples kept out to measure the KL before/after")
+    batch: int = Field(1, ge=1, description="sequences per step; under torchrun, split over the processes")
 
 
 class DistillOptions(Options):
@@ -100,7 +102,7 @@ class Distill(Transform):
 
     def min_calibration_samples(self) -> int:
         e = self.options.end_to_end
-        return 0 if e is None else e.holdout_samples + 1  # held-out samples + at least one to train on
+        return 0 if e is None else e.holdout_samples + e.batch  # held-out samples + one batch to train on
 
     def finalize(self, out_dir, source, calibration, dtype: str, shard_size: str) -> dict | None:
         e = self.options.end_to_end
@@ -122,6 +124,11 @@ class Distill(Transform):
             raise BadInput(f"distill.train={self.options.train} leaves nothing to train in this MoE "
                            f"({'static, no router' if previous.scoring == 'none' else 'routed'}"
                            f"{', no shared expert' if not previous.shared else ''}). Add experts or scales.")
+        e, ranks = self.options.end_to_end, distributed.world_size()
+        if e is not None and e.batch % ranks:  # checked before any work: the split happens at the end
+            raise BadInput(f"distill.end_to_end.batch is {e.batch}, which {ranks} processes (torchrun) cannot "
+                           f"share: set it to a multiple of {ranks}, e.g. --set "
+                           f"transforms.N.distill.end_to_end.batch={ranks} (N: distill's place in the recipe).")
         if "bias" in self.options.train and not previous.bias:  # a trained output bias is a new tensor
             return dataclasses.replace(previous, bias=True)
         return previous

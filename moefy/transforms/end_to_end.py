@@ -28,27 +28,34 @@ from moefy.progress import log, progress
 
 
 def train_adam(groups: list[tuple[list[torch.Tensor], float]], loss_fn, steps: int | None, seconds: float | None,
-               on_step=None) -> tuple[int, list[float], float]:
+               on_step=None, on_backward=None, agree=None) -> tuple[int, list[float], float]:
     """Adam on `groups` of (tensors, step relative to each tensor's RMS) until `steps` are done or the next
     step, at the pace so far, would end after `seconds`; loss_fn(step) gives each step's loss. The step size
     decays on a cosine over the steps — or over the seconds when there is no step limit or the pace says
     the clock will stop the run first, so a run the clock ends still ends with small steps (and only such
-    a run depends on the machine's speed). Returns (steps done, their losses, seconds)."""
+    a run depends on the machine's speed). Data-parallel: `on_backward()` averages the gradients, and
+    `agree([stop, schedule])` gives every rank the same clock decisions. Returns (steps done, their losses,
+    seconds)."""
     optimizer = torch.optim.Adam([{"params": [t], "lr": lr * _rms(t)} for ts, lr in groups for t in ts])
     base = [group["lr"] for group in optimizer.param_groups]
     start, done, losses = time.perf_counter(), 0, []
     while steps is None or done < steps:
         elapsed = time.perf_counter() - start
-        if seconds is not None and (elapsed >= seconds or done and elapsed * (done + 1) / done > seconds):
-            break
+        stop = seconds is not None and (elapsed >= seconds or done and elapsed * (done + 1) / done > seconds)
         clock_binds = seconds is not None and (steps is None or done and elapsed / done * steps > seconds)
-        used = elapsed / seconds if clock_binds else done / steps
+        used = 1.0 if stop else elapsed / seconds if clock_binds else done / steps
+        if agree is not None:
+            stop, used = agree([float(stop), used])
+        if stop:
+            break
         for group, lr in zip(optimizer.param_groups, base):
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, used)))
         tick = time.perf_counter()
         loss = loss_fn(done)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if on_backward is not None:
+            on_backward()
         optimizer.step()
         losses.append(loss.item())
         done += 1
@@ -94,9 +101,14 @@ def _trainable(model, what: str) -> list[torch.Tensor]:
 def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, seed: int, dtype: str,
                        shard_size: str, device: str = "cpu") -> dict:
     """Train the model written to `out_dir` against `source` on `device` (the calibration device: teacher
-    and student both resident there, fp32)."""
+    and student both resident there, fp32). Under torchrun each step's `batch` sequences are split over the
+    ranks (`moefy.distributed`)."""
+    from moefy import distributed
     from moefy.loading import load_model, runs_on_moefy
 
+    ranks, me = distributed.world_size(), distributed.rank()  # Distill.plan checked that the batch splits
+    distributed.join(device)
+    local = options.batch // ranks
     stage_start = time.perf_counter()
     tokens = tokens.to(device)
     held, train = tokens[: options.holdout_samples], tokens[options.holdout_samples:]  # convert checked: train ≥ 1
@@ -118,7 +130,7 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
         # transformers ≥ 5.x renamed gradient_checkpointing_enable (deprecated, still there)
         getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
     budget, seq_len = options.budget, train.shape[1]
-    steps = None if budget.tokens is None else max(1, budget.tokens // seq_len)
+    steps = None if budget.tokens is None else max(1, budget.tokens // (seq_len * options.batch))
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed)).tolist()
     # the minutes cover the whole stage: what ran so far, training, the held-out evaluation after it (as long
     # as the one before) and writing the weights (as long as reading them)
@@ -126,19 +138,26 @@ def distill_end_to_end(out_dir: Path, source, tokens: torch.Tensor, options, see
         0.0, 60 * budget.minutes - (time.perf_counter() - stage_start) - eval_seconds - load_seconds)
     total = steps or max(1, int(seconds))  # progress ticks: steps, or seconds
     with progress("distill end to end", total) as advance:
+        def loss(step: int) -> torch.Tensor:  # this rank's share of the step's batch
+            first = step * options.batch + me * local
+            return _kl(student, teacher, train[[order[(first + j) % len(order)] for j in range(local)]])
+
         done, losses, seconds = train_adam(
-            [(params, options.lr)], lambda step: _kl(student, teacher, train[order[step % len(order)]][None]),
-            steps, seconds, on_step=lambda took: advance(1 if steps is not None else max(0, round(took))))
+            [(params, options.lr)], loss, steps, seconds,
+            on_step=lambda took: advance(1 if steps is not None else max(0, round(took))),
+            on_backward=lambda: distributed.average_gradients(params),
+            agree=distributed.rank0_values if ranks > 1 else None)
     student.eval()
     with torch.no_grad():
         after = float(_kl(student, teacher, held)) if done else before
-    kept = improved(before, after)
+    kept = distributed.rank0_decides(improved(before, after))
     log(f"distill end to end: held-out KL {before:.4f} → {after:.4f}{'' if kept else ' (kept the original)'} in "
-        f"{done} steps ({done * seq_len:,} tokens), {seconds:.0f}s")
-    if kept:
+        f"{done} steps ({done * seq_len * options.batch:,} tokens), {seconds:.0f}s")
+    if kept and me == 0:  # the other ranks' copies are discarded (and transformers saves on rank 0 only)
         _save_weights(student, Path(out_dir), getattr(torch, dtype), shard_size)
     return {"holdout_kl_before": round(before, 6), "holdout_kl_after": round(after, 6), "kept": kept,
-            "train": options.train, "device": device, "steps": done, "tokens": done * seq_len,
+            "train": options.train, "device": device, "steps": done, "tokens": done * seq_len * options.batch,
+            "batch": options.batch, "processes": ranks,
             "seconds": round(seconds, 2),
             # what ended training: the token budget (reproducible), or the clock (depends on the machine's speed)
             "stopped_by": "tokens" if steps is not None and done >= steps else "clock",
